@@ -1,0 +1,1 @@
+"""Command line and Python client of the APP training service."""

@@ -1,0 +1,286 @@
+"""`anytime-prune run` and `anytime-prune compare`: the engine from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from app_common.spec import JobSpec, SpecError
+
+log = logging.getLogger("anytime_prune")
+
+# flag -> dotted spec field. One table drives parsing, spec building and error messages.
+FLAG_FIELDS: dict[str, str] = {
+    "dataset": "dataset.name",
+    "data_path": "dataset.path",
+    "few_shot": "dataset.few_shot",
+    "image_size": "dataset.image_size",
+    "arch": "architecture",
+    "method": "method",
+    "target_sparsity": "sparsity.target",
+    "tau": "sparsity.tau",
+    "pruner": "sparsity.pruner",
+    "scope": "sparsity.scope",
+    "score_fraction": "sparsity.score_fraction",
+    "score_source": "sparsity.score_source",
+    "megabatches": "stream.megabatches",
+    "megabatch_size": "stream.megabatch_size",
+    "replay": "stream.replay",
+    "buffer_size": "stream.buffer_size",
+    "val_fraction": "stream.val_fraction",
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "lr": "training.lr",
+    "momentum": "training.momentum",
+    "weight_decay": "training.weight_decay",
+    "milestones": "training.milestones",
+    "gamma": "training.gamma",
+    "warmup_epochs": "training.warmup_epochs",
+    "augment": "training.augment",
+    "precision": "training.precision",
+    "seed": "training.seed",
+    "device": "training.device",
+    "export": "export.formats",
+}
+FIELD_FLAGS = {f: "--" + k.replace("_", "-") for k, f in FLAG_FIELDS.items()}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [v for v in text.replace(" ", "").split(",") if v]
+
+
+def add_spec_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
+    """Flags mirroring the job spec; every default is None so only given flags override."""
+    g = p.add_argument_group("job spec (overrides --spec)")
+    g.add_argument("--spec", type=Path, help="JSON job spec (the HTTP API's body); flags override it")
+    g.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagefolder | npz | synthetic")
+    g.add_argument("--data-path", help="file or folder of the dataset")
+    g.add_argument("--few-shot", type=int, help="training samples per class")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--arch", help="architecture (see app_common.spec.ARCHITECTURES)")
+    if not compare:
+        g.add_argument("--method", help="app | osp | dense")
+        g.add_argument("--megabatches", type=int, help="stream length N")
+        g.add_argument("--seed", type=int)
+    g.add_argument("--target-sparsity", type=float, help="fraction of prunable weights removed at the end")
+    g.add_argument("--tau", type=float, help="the paper's sparsity level (density 0.8**tau)")
+    g.add_argument("--pruner", help="snip | magnitude | random | grasp | synflow")
+    g.add_argument("--scope", help="global | local")
+    g.add_argument("--score-fraction", type=float)
+    g.add_argument("--score-source", help="current | cumulative")
+    g.add_argument("--megabatch-size", type=int)
+    g.add_argument("--replay", help="full | none | previous | buffer")
+    g.add_argument("--buffer-size", type=int)
+    g.add_argument("--val-fraction", type=float)
+    g.add_argument("--epochs", type=int, help="epochs per megabatch")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--milestones", type=_int_list, help="comma-separated epochs, e.g. 20,40")
+    g.add_argument("--gamma", type=float)
+    g.add_argument("--warmup-epochs", type=int)
+    g.add_argument("--augment", help="auto | none | crop | crop_flip")
+    g.add_argument("--precision", help="auto | fp32 | bf16")
+    g.add_argument("--device", help="auto | cpu | cuda")
+    g.add_argument("--export", type=_str_list, help="comma-separated: safetensors,sparse,onnx")
+
+
+def spec_dict_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The spec file's dict with the given flags written over it."""
+    data: dict[str, Any] = {}
+    if args.spec is not None:
+        try:
+            data = json.loads(Path(args.spec).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"error: --spec {args.spec}: {exc}") from None
+        if not isinstance(data, dict):
+            raise SystemExit(f"error: --spec {args.spec}: expected a JSON object")
+    values = {k: getattr(args, k, None) for k in FLAG_FIELDS}
+    values.update(overrides or {})
+    for key, value in values.items():
+        if value is None:
+            continue
+        *parents, leaf = FLAG_FIELDS[key].split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"error: --spec: field '{part}' must be an object")
+        node[leaf] = value
+    # A flag for one form of the target replaces the other form given in the spec file.
+    if args.target_sparsity is not None:
+        data.get("sparsity", {}).pop("tau", None)
+    elif getattr(args, "tau", None) is not None:
+        data.get("sparsity", {}).pop("target", None)
+    return data
+
+
+def build_spec(data: dict[str, Any]) -> JobSpec:
+    try:
+        return JobSpec.from_dict(data)
+    except SpecError as exc:
+        lines = [
+            f"  {e.field}{' (' + FIELD_FLAGS[e.field] + ')' if e.field in FIELD_FLAGS else ''}: {e.reason}"
+            for e in exc.errors
+        ]
+        raise SystemExit("error: invalid job spec:\n" + "\n".join(lines)) from None
+
+
+class ConsoleProgress:
+    """Progress bar on a terminal, plain log lines otherwise (a run callback)."""
+
+    def __init__(self, label: str = "", stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, event: Any) -> None:
+        kind = event.type
+        if kind == "run_started":
+            total = event.megabatches * event.epochs
+            done = event.resumed_after * event.epochs
+            if event.resumed_after:
+                log.info("%sresuming after megabatch %d", self.label, event.resumed_after)
+            log.info("%s%d megabatches x %d epochs on %s (%s)", self.label, event.megabatches, event.epochs,
+                     event.device, event.precision)
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=done, desc=self.label.strip() or "epochs", unit="ep",
+                                file=self.stream, dynamic_ncols=True)
+        elif kind == "epoch_ended":
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(mb=f"{event.megabatch}", val=f"{event.val_accuracy:.3f}")
+            else:
+                log.debug("megabatch %d epoch %d/%d: loss %.4f val %.4f", event.megabatch, event.epoch,
+                          event.epochs, event.train_loss, event.val_accuracy)
+        elif kind == "megabatch_ended":
+            m = event.metrics
+            line = (f"{self.label}megabatch {m['index']}/{event.megabatches}: test acc {m['test_accuracy']:.4f}, "
+                    f"density {m['density']:.4f}, gap {m['generalization_gap']:+.2f} pp")
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                log.info("%s", line)
+        elif kind == "run_ended" and self.bar is not None:
+            self.bar.close()
+
+
+def megabatch_table(result: dict[str, Any]) -> str:
+    head = f"{'mb':>3} {'density':>8} {'target':>8} {'test acc':>9} {'errors':>7} {'val acc':>8} {'train acc':>9} {'gap pp':>7} {'img/s':>8}"
+    rows = [head, "-" * len(head)]
+    for m in result["megabatches"]:
+        rows.append(
+            f"{m['index']:>3} {m['density']:>8.4f} {m['target_density']:>8.4f} {m['test_accuracy']:>9.4f} "
+            f"{m['test_errors']:>7d} {m['val_accuracy']:>8.4f} {m['train_accuracy']:>9.4f} "
+            f"{m['generalization_gap']:>7.2f} {m['images_per_s']:>8.0f}"
+        )
+    fta = result["final_test_accuracy"]
+    rows.append(
+        f"CER {result['cer']} errors (normalised {result['cer_normalized']:.4f}); final test accuracy "
+        f"{fta if fta is None else format(fta, '.4f')}; final density {result['final_density']:.4f}"
+    )
+    return "\n".join(rows)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = build_spec(spec_dict_from_args(args))
+    from app_engine.runner import run
+
+    out = Path(args.out)
+    outcome = run(spec, out, callbacks=[ConsoleProgress()])
+    print(megabatch_table(outcome.result))
+    print(f"wrote {out / 'result.json'}")
+    return 0
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from app_engine.report import plot_compare
+    from app_engine.runner import run
+
+    out = Path(args.out)
+    methods = args.methods
+    rows: list[dict[str, Any]] = []
+    for n in args.megabatches:
+        runs: dict[str, list[list[dict[str, Any]]]] = {}
+        for method in methods:
+            for seed in args.seeds:
+                spec = build_spec(spec_dict_from_args(args, {"method": method, "megabatches": n, "seed": seed}))
+                label = f"[N={n} {method} seed {seed}] "
+                outcome = run(spec, out / f"N{n}" / method / f"seed-{seed}", callbacks=[ConsoleProgress(label)])
+                r = outcome.result
+                runs.setdefault(method, []).append(r["megabatches"])
+                rows.append({"megabatches": n, "method": method, "seed": seed,
+                             "final_test_accuracy": r["final_test_accuracy"], "cer": r["cer"],
+                             "cer_normalized": r["cer_normalized"],
+                             "generalization_gap": r["megabatches"][-1]["generalization_gap"],
+                             "final_density": r["final_density"]})
+        plot_compare(runs, out / f"compare-N{n}.png")
+    summary = summarise(rows)
+    (out / "compare.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2) + "\n")
+    table = compare_table(summary)
+    (out / "compare.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and the plots compare-N*.png")
+    return 0
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = ("final_test_accuracy", "cer", "generalization_gap", "final_density")
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["megabatches"], r["method"]), []).append(r)
+    summary = []
+    for (n, method), group in groups.items():
+        entry: dict[str, Any] = {"megabatches": n, "method": method, "seeds": [g["seed"] for g in group]}
+        for key in keys:
+            mean, spread = _mean_spread([float(g[key]) for g in group])
+            entry[key] = {"mean": mean, "std": spread}
+        summary.append(entry)
+    return summary
+
+
+def compare_table(summary: list[dict[str, Any]]) -> str:
+    head = "| N | method | seeds | final test accuracy | CER (errors) | gen. gap (pp) | final density |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        def f(key: str, fmt: str) -> str:
+            return f"{format(s[key]['mean'], fmt)} ± {format(s[key]['std'], fmt)}"
+
+        lines.append(f"| {s['megabatches']} | {s['method']} | {len(s['seeds'])} | {f('final_test_accuracy', '.4f')} | "
+                     f"{f('cer', '.1f')} | {f('generalization_gap', '.2f')} | {f('final_density', '.4f')} |")
+    return "\n".join(lines)
+
+
+def add_engine_commands(sub: Any) -> None:
+    p = sub.add_parser("run", help="run one job with the engine (no service)")
+    add_spec_flags(p)
+    p.add_argument("--out", required=True, help="output folder (re-running into it resumes)")
+    p.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compare", help="run several methods x seeds on the same data; table and plot")
+    add_spec_flags(c, compare=True)
+    c.add_argument("--methods", type=_str_list, default=["app", "osp", "dense"])
+    c.add_argument("--seeds", type=_int_list, default=[1, 2, 3])
+    c.add_argument("--megabatches", type=_int_list, default=[8], help="one or more stream lengths, e.g. 4,8")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_compare)

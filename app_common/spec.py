@@ -1,0 +1,238 @@
+"""The job spec: the one schema for what a user asks the engine to do.
+
+The HTTP API validates request bodies with these models (and publishes them in its OpenAPI
+document); the command line builds them from flags or reads them from a JSON file; the engine
+takes a validated :class:`JobSpec` as its configuration. Defaults live here and nowhere else.
+
+The names in the ``Literal`` types are the registry keys of the engine (a test checks that the
+engine's registries and these lists agree), so the spec can be validated without importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "npz", "synthetic")
+ARCHITECTURES = (
+    "mlp",
+    "cnn_small",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "vgg16_bn",
+)
+METHODS = ("app", "osp", "dense")
+PRUNERS = ("snip", "magnitude", "random", "grasp", "synflow")
+SCOPES = ("global", "local")
+REPLAYS = ("full", "none", "previous", "buffer")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+EXPORT_FORMATS = ("safetensors", "sparse", "onnx")
+AUGMENTATIONS = ("auto", "none", "crop", "crop_flip")
+SCORE_SOURCES = ("current", "cumulative")
+# Datasets that read files and therefore need ``dataset.path``.
+DATASETS_WITH_PATH = ("cifar10", "cifar100", "imagefolder", "npz")
+
+DatasetName = Literal["digits", "cifar10", "cifar100", "imagefolder", "npz", "synthetic"]
+ArchitectureName = Literal[
+    "mlp", "cnn_small", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50", "vgg16_bn"
+]
+MethodName = Literal["app", "osp", "dense"]
+PrunerName = Literal["snip", "magnitude", "random", "grasp", "synflow"]
+ScopeName = Literal["global", "local"]
+ReplayName = Literal["full", "none", "previous", "buffer"]
+PrecisionName = Literal["auto", "fp32", "bf16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+ExportFormat = Literal["safetensors", "sparse", "onnx"]
+AugmentName = Literal["auto", "none", "crop", "crop_flip"]
+ScoreSource = Literal["current", "cumulative"]
+
+# The paper's schedule keeps 0.8 ** s of the prunable weights at sparsity level s.
+KEEP_BASE = 0.8
+DEFAULT_TAU = 4.5
+
+
+def tau_from_sparsity(target_sparsity: float) -> float:
+    """The paper's sparsity level tau for a fraction ``target_sparsity`` of weights removed."""
+    return math.log(1.0 - target_sparsity) / math.log(KEEP_BASE)
+
+
+def sparsity_from_tau(tau: float) -> float:
+    return 1.0 - KEEP_BASE**tau
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    name: DatasetName = Field("digits", description="Registry name of the dataset.")
+    path: str | None = Field(
+        None,
+        description="File or folder to read (required for cifar10, cifar100, imagefolder, npz).",
+        max_length=4096,
+    )
+    few_shot: int | None = Field(
+        None, ge=1, le=100_000, description="Keep only this many training samples per class (seeded)."
+    )
+    image_size: int = Field(32, ge=8, le=512, description="Side length images are resized to (imagefolder).")
+    synthetic_samples: int = Field(
+        2000, ge=20, le=200_000, description="Training samples of the synthetic dataset (tests, demos)."
+    )
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DatasetSpec:
+        if self.name in DATASETS_WITH_PATH and not self.path:
+            raise ValueError(f"dataset '{self.name}' reads files: dataset.path is required")
+        return self
+
+
+class SparsitySpec(_Strict):
+    target: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Target sparsity: fraction of prunable weights removed at the end of the stream.",
+    )
+    tau: float | None = Field(
+        None, ge=0.0, le=100.0, description="The paper's sparsity level: density 0.8**tau at the end."
+    )
+    pruner: PrunerName = "snip"
+    scope: ScopeName = "global"
+    score_fraction: float = Field(
+        0.2, gt=0.0, le=1.0, description="Share of a megabatch's size used to score weights."
+    )
+    score_source: ScoreSource = Field(
+        "current", description="Score on the current megabatch or on all data seen so far."
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SparsitySpec:
+        if self.target is not None and self.tau is not None:
+            raise ValueError("give either sparsity.target or sparsity.tau, not both")
+        return self
+
+    @property
+    def resolved_tau(self) -> float:
+        if self.tau is not None:
+            return self.tau
+        if self.target is not None:
+            return tau_from_sparsity(self.target) if self.target > 0 else 0.0
+        return DEFAULT_TAU
+
+    @property
+    def target_density(self) -> float:
+        if self.target is not None:
+            return 1.0 - self.target
+        return KEEP_BASE**self.resolved_tau
+
+
+class StreamSpec(_Strict):
+    megabatches: int = Field(8, ge=1, le=1000, description="Stream length N.")
+    megabatch_size: int | None = Field(
+        None, ge=2, description="Samples per megabatch (default: the training pool divided by N)."
+    )
+    replay: ReplayName = "full"
+    buffer_size: int = Field(2000, ge=1, le=10_000_000, description="Reservoir size for replay 'buffer'.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of each megabatch held out for validation.")
+
+
+class TrainingSpec(_Strict):
+    epochs: int = Field(50, ge=1, le=10_000, description="Epochs per megabatch.")
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(0.1, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    milestones: list[int] | None = Field(
+        None, description="Epochs at which the LR is multiplied by gamma (default: 40% and 80% of epochs)."
+    )
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_epochs: int = Field(0, ge=0, le=1000)
+    augment: AugmentName = Field("auto", description="auto: crop+flip for CIFAR and image folders, none otherwise.")
+    precision: PrecisionName = "auto"
+    seed: int = Field(1, ge=0, le=2**31 - 1)
+    device: DeviceName = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSpec:
+        if self.milestones is not None:
+            if any(m < 1 for m in self.milestones):
+                raise ValueError("training.milestones must be positive epoch numbers")
+            if list(self.milestones) != sorted(set(self.milestones)):
+                raise ValueError("training.milestones must be strictly increasing")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError("training.warmup_epochs must be smaller than training.epochs")
+        return self
+
+    @property
+    def resolved_milestones(self) -> list[int]:
+        if self.milestones is not None:
+            return list(self.milestones)
+        return sorted({max(1, round(self.epochs * 0.4)), max(1, round(self.epochs * 0.8))})
+
+
+class ExportSpec(_Strict):
+    formats: list[ExportFormat] = Field(default_factory=lambda: ["safetensors", "sparse"])
+
+
+class JobSpec(_Strict):
+    """Everything that defines a run. Two equal specs give the same run (same seed, same data)."""
+
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    architecture: ArchitectureName = "cnn_small"
+    method: MethodName = "app"
+    sparsity: SparsitySpec = Field(default_factory=SparsitySpec)
+    stream: StreamSpec = Field(default_factory=StreamSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """A stable hash of the spec, used to refuse resuming a different run into a folder."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        """Validate ``data``; raises :class:`SpecError` naming every bad field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError.from_validation(exc) from None
+
+
+class FieldError(BaseModel):
+    field: str
+    reason: str
+
+
+class SpecError(ValueError):
+    """An invalid job spec. ``errors`` lists each bad field with the reason."""
+
+    def __init__(self, errors: list[FieldError]):
+        self.errors = errors
+        super().__init__("; ".join(f"{e.field}: {e.reason}" for e in errors))
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> SpecError:
+        return cls(field_errors(exc))
+
+
+def field_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[FieldError]:
+    """Flatten pydantic errors into dotted field names and readable reasons."""
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in (*prefix, *err["loc"])]
+        # Model-level validators report on the model itself: keep the reason, which names the field.
+        out.append(FieldError(field=".".join(loc) or "body", reason=err["msg"].removeprefix("Value error, ")))
+    return out

@@ -1,0 +1,135 @@
+"""Megabatch checkpoints: atomic, checksummed, loaded without unpickling arbitrary objects.
+
+Layout in the run folder::
+
+    checkpoints/megabatch-0003.pt   torch.save of tensors and plain containers only
+    checkpoint.json                 {"megabatch", "file", "sha256", "bytes", "spec_fingerprint"}
+
+``checkpoint.json`` is the commit record: it is replaced (atomically) only after the checkpoint
+file it names is completely on disk, so a crash at any moment leaves either the previous or the
+new checkpoint valid. The previous checkpoint file is kept as a fallback in case the newest one
+turns out to be damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RECORD = "checkpoint.json"
+FOLDER = "checkpoints"
+KEEP = 2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (damaged, or written by a different run spec)."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out_dir: Path, megabatch: int, state: dict[str, Any], spec_fingerprint: str) -> Path:
+    """Write the state after ``megabatch`` and commit it; returns the checkpoint file."""
+    folder = out_dir / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"megabatch-{megabatch:04d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+    entry = {"megabatch": megabatch, "file": f"{FOLDER}/{path.name}", "sha256": sha256_file(path),
+             "bytes": path.stat().st_size}
+    previous = [c for c in _read_record(out_dir).get("checkpoints", []) if c["megabatch"] < megabatch]
+    kept = [*previous, entry][-KEEP:]
+    atomic_write_json(out_dir / RECORD, {"spec_fingerprint": spec_fingerprint, "checkpoints": kept})
+    names = {Path(c["file"]).name for c in kept}
+    for old in folder.glob("megabatch-*.pt"):
+        if old.name not in names:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def _read_record(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / RECORD
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint record ({exc})") from None
+
+
+def load_checkpoint(out_dir: Path, spec_fingerprint: str) -> dict[str, Any] | None:
+    """The newest intact checkpoint of this run, or None when the folder has none.
+
+    Every file is verified against the sha256 in the record before it is loaded; a damaged newest
+    file falls back to the one before. Raises :class:`CheckpointError` when the folder belongs to
+    a run with another spec or no recorded checkpoint is intact.
+    """
+    record = _read_record(out_dir)
+    if not record:
+        return None
+    if record.get("spec_fingerprint") != spec_fingerprint:
+        raise CheckpointError(
+            f"{out_dir}: holds a run with a different spec (fingerprint {record.get('spec_fingerprint')}, "
+            f"this run {spec_fingerprint}); use another output folder"
+        )
+    for entry in reversed(record.get("checkpoints", [])):
+        path = out_dir / entry["file"]
+        if path.exists() and sha256_file(path) == entry["sha256"]:
+            return _load(path)
+        log.warning("checkpoint %s is missing or fails its checksum; trying the previous one", path)
+    raise CheckpointError(f"{out_dir / RECORD}: no recorded checkpoint is intact (missing or sha256 mismatch)")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    # weights_only: tensors and plain containers only, never arbitrary objects.
+    return torch.load(path, map_location="cpu", weights_only=True)

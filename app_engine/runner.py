@@ -1,0 +1,296 @@
+"""One runner for every method: dense, anytime OSP and APP differ only in their masks.
+
+For each megabatch t = 1..N (APP_SPEC.md sections 1-3):
+
+1. prune (APP: to the schedule's density t; OSP: straight to the target at t = 1; dense: never),
+   scoring the current model on a slice of the current megabatch;
+2. train ``epochs`` epochs on the replayed data, restoring the best-validation epoch;
+3. evaluate on the fixed test set, record the metrics, write a checkpoint, emit the events.
+
+Re-running into the same folder resumes after the last committed megabatch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import app_engine
+from app_common.events import CheckpointWritten, Event, MegabatchEnded, Pruned, RunEnded, RunStarted
+from app_common.spec import JobSpec
+from app_engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from app_engine.data import Dataset, load_dataset
+from app_engine.export import export_artifacts
+from app_engine.models import create_model, prunable_parameters
+from app_engine.pruning import Masks, prune
+from app_engine.schedule import density_schedule
+from app_engine.stream import Stream, few_shot_indices
+from app_engine.train import Runtime, StopRequested, evaluate, resolve_runtime, train_megabatch
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[Event], None]
+
+
+class StopRun(Exception):
+    """Raise from a callback to stop the run at the next epoch boundary."""
+
+    def __init__(self, reason: str = "stopped by a callback"):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class RunResult:
+    result: dict[str, Any]  # the content of result.json
+    artifacts: dict[str, dict[str, Any]]  # name -> {path, format, bytes, sha256}
+    stopped: bool = False
+    stop_reason: str | None = None
+
+
+def _seed_for(seed: int, megabatch: int, purpose: int) -> int:
+    # Every random stream of the run derives from (seed, megabatch, purpose), so a resumed run
+    # draws exactly what an uninterrupted one would have drawn.
+    return (seed * 1_000_003 + megabatch * 7_919 + purpose) % (2**63 - 1)
+
+
+def resolve_dataset_path(spec: JobSpec, data_root: Path | None) -> JobSpec:
+    """Resolve a relative ``dataset.path`` against ``data_root`` (the service's data folder)."""
+    path = spec.dataset.path
+    if path is None or data_root is None or Path(path).is_absolute():
+        return spec
+    dataset = spec.dataset.model_copy(update={"path": str(Path(data_root) / path)})
+    return spec.model_copy(update={"dataset": dataset})
+
+
+class _Emitter:
+    """Delivers events to every callback; a StopRun from any of them is remembered, not raised."""
+
+    def __init__(self, callbacks: Sequence[Callback]):
+        self.callbacks = list(callbacks)
+        self.stop_reason: str | None = None
+
+    def __call__(self, event: Event) -> None:
+        for callback in self.callbacks:
+            try:
+                callback(event)
+            except StopRun as stop:
+                self.stop_reason = self.stop_reason or stop.reason
+
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
+    np_state = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    idx = idx.to(x.device)
+    return [(x[idx[i : i + batch_size]], y[idx[i : i + batch_size]]) for i in range(0, len(idx), batch_size)]
+
+
+def model_info(spec: JobSpec, data: Dataset) -> dict[str, Any]:
+    return {
+        "architecture": spec.architecture,
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "classes": list(data.classes),
+    }
+
+
+def run(
+    spec: JobSpec,
+    out_dir: Path | str,
+    *,
+    callbacks: Sequence[Callback] = (),
+    data: Dataset | None = None,
+    data_root: Path | None = None,
+) -> RunResult:
+    """Run ``spec`` into ``out_dir`` (resuming if it holds a checkpoint of the same spec)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = resolve_dataset_path(spec, data_root)
+    fingerprint = spec.fingerprint()
+    checkpoint = load_checkpoint(out_dir, fingerprint)
+    emit = _Emitter(callbacks)
+    t_start = time.perf_counter()
+
+    tr, st, sp = spec.training, spec.stream, spec.sparsity
+    rt = resolve_runtime(tr.device, tr.precision)
+    if data is None:
+        data = load_dataset(spec.dataset, seed=tr.seed)
+    augment_mode = tr.augment
+    if augment_mode == "auto":
+        augment_mode = "crop_flip" if spec.dataset.name in ("cifar10", "cifar100", "imagefolder") else "none"
+
+    pool = few_shot_indices(data.y_train, spec.dataset.few_shot, tr.seed) if spec.dataset.few_shot else None
+    stream = Stream(len(data.y_train), st, tr.seed, pool=pool)
+    x_train, y_train = data.x_train.to(rt.device), data.y_train.to(rt.device)
+    x_test, y_test = data.x_test.to(rt.device), data.y_test.to(rt.device)
+
+    torch.manual_seed(tr.seed)
+    model = create_model(
+        spec.architecture, input_shape=data.input_shape, num_classes=data.num_classes, mean=data.mean, std=data.std
+    ).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = prunable_parameters(model)
+    masks = Masks.ones(params)
+    schedule = density_schedule(spec.method, sp.resolved_tau, st.megabatches)
+    prunable_total = masks.total()
+    total_params = sum(p.numel() for p in model.parameters())
+
+    records: list[dict[str, Any]] = []
+    done = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        masks.load_state_dict(checkpoint["masks"])
+        masks = masks.to(rt.device)
+        masks.apply_(model)
+        records = json.loads(checkpoint["metrics"])
+        done = int(checkpoint["megabatch"])
+        _set_rng_state(checkpoint["rng"])
+        log.info("resuming %s after megabatch %d of %d", out_dir, done, st.megabatches)
+
+    emit(RunStarted(megabatches=st.megabatches, epochs=tr.epochs, resumed_after=done,
+                    device=str(rt.device), precision=rt.precision))
+
+    for t in range(done + 1, st.megabatches + 1):
+        if emit.should_stop():
+            break
+        t0 = time.perf_counter()
+        train_idx, val_idx = stream.train_indices(t), stream.val_indices(t)
+        keep = schedule[t - 1]
+        if spec.method == "app" or (spec.method == "osp" and t == 1):
+            score_idx = stream.score_indices(t, sp.score_fraction, sp.score_source)
+            masks = prune(
+                model, params, masks, pruner=sp.pruner, keep=keep, scope=sp.scope,
+                batches=_batches(x_train, y_train, score_idx, tr.batch_size),
+                seed=_seed_for(tr.seed, t, 1),
+            )
+            emit(Pruned(megabatch=t, target_density=keep, density=masks.density(), pruner=sp.pruner))
+        gen = torch.Generator().manual_seed(_seed_for(tr.seed, t, 2))
+        try:
+            trained = train_megabatch(
+                model, lambda: masks.apply_(model), x_train, y_train, train_idx, val_idx, tr, augment_mode, rt,
+                gen, t, emit, emit.should_stop,
+            )
+        except StopRequested:
+            break
+        test_correct, test_total = evaluate(model, x_test, y_test, rt)
+        layer_density = masks.layer_density()
+        record = {
+            "index": t,
+            "train_samples": len(train_idx),
+            "val_samples": len(val_idx),
+            "target_density": keep if spec.method != "dense" else 1.0,
+            "density": masks.density(),
+            "layer_density": layer_density,
+            "nonzero_params": int(sum(int((p != 0).sum()) for p in model.parameters())),
+            "prunable_params": prunable_total,
+            "test_accuracy": test_correct / test_total,
+            "test_errors": test_total - test_correct,
+            "test_total": test_total,
+            "val_accuracy": trained.val_accuracy,
+            "train_accuracy": trained.train_accuracy,
+            # Percentage points (APP_SPEC section 3): of the selected epoch, and of the last epoch
+            # as the reference logged it.
+            "generalization_gap": 100.0 * (trained.train_accuracy - trained.val_accuracy),
+            "generalization_gap_last": 100.0 * (trained.train_accuracy_last - trained.val_accuracy_last),
+            "selected_epoch": trained.selected_epoch,
+            "train_loss": trained.train_loss,
+            "wall_time_s": time.perf_counter() - t0,
+            "train_time_s": trained.train_seconds,
+            "images_per_s": trained.images / max(trained.train_seconds, 1e-9),
+            "epochs": trained.epochs,
+        }
+        records.append(record)
+        path = save_checkpoint(
+            out_dir,
+            t,
+            {
+                "megabatch": t,
+                "model": model.state_dict(),
+                "optimizer": trained.optimizer_state,
+                "masks": masks.state_dict(),
+                "rng": _rng_state(),
+                "metrics": json.dumps(records),
+            },
+            fingerprint,
+        )
+        emit(CheckpointWritten(megabatch=t, path=str(path)))
+        emit(MegabatchEnded(megabatch=t, megabatches=st.megabatches, metrics=record))
+        log.info(
+            "megabatch %d/%d: test accuracy %.4f, density %.4f (%.1fs)",
+            t, st.megabatches, record["test_accuracy"], record["density"], record["wall_time_s"],
+        )
+
+    stopped = len(records) < st.megabatches
+    result = _summary(spec, records, rt, stopped, emit.stop_reason)
+    result["parameters"] = {"total": total_params, "prunable": prunable_total,
+                            "nonzero": records[-1]["nonzero_params"] if records else total_params}
+    artifacts: dict[str, dict[str, Any]] = {}
+    if not stopped:
+        artifacts = export_artifacts(
+            model, masks.state_dict(), out_dir, spec=spec, model_info=model_info(spec, data),
+            metrics={"megabatches": records, **{k: v for k, v in result.items() if k != "megabatches"}},
+            formats=spec.export.formats,
+        )
+        sparse = artifacts.get("model.sparse.safetensors")
+        result["sparse_model_bytes"] = sparse["bytes"] if sparse else None
+    result["artifacts"] = {name: {k: v for k, v in a.items() if k != "path"} for name, a in artifacts.items()}
+    result["wall_time_s"] = time.perf_counter() - t_start
+    atomic_write_json(out_dir / "result.json", result)
+    emit(RunEnded(cer=result["cer"], final_test_accuracy=result["final_test_accuracy"],
+                  final_density=result["final_density"], stopped=stopped))
+    return RunResult(result=result, artifacts=artifacts, stopped=stopped, stop_reason=emit.stop_reason)
+
+
+def _summary(spec: JobSpec, records: list[dict[str, Any]], rt: Runtime, stopped: bool,
+             stop_reason: str | None) -> dict[str, Any]:
+    last = records[-1] if records else None
+    return {
+        "config": spec.to_dict(),
+        "status": "stopped" if stopped else "completed",
+        "stop_reason": stop_reason,
+        "megabatches": records,
+        # ALMA's cumulative error rate: misclassified test samples summed over the stream, and
+        # the normalised form (sum of per-megabatch error rates).
+        "cer": int(sum(r["test_errors"] for r in records)),
+        "cer_normalized": float(sum(r["test_errors"] / r["test_total"] for r in records)),
+        "final_test_accuracy": last["test_accuracy"] if last else None,
+        "final_density": last["density"] if last else 1.0,
+        "target_density": spec.sparsity.target_density if spec.method != "dense" else 1.0,
+        "device": str(rt.device),
+        "precision": rt.precision,
+        "engine_version": app_engine.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }

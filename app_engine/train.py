@@ -1,0 +1,259 @@
+"""Training and evaluation of one megabatch (APP_SPEC.md section 1).
+
+Performance choices (DESIGN.md, "Performance architecture"): the data lives on the device as
+uint8 tensors and is augmented per batch with a few tensor ops; masks are multiplied into the
+weights in place after each optimizer step (no pruning hooks in the hot loop); loss and accuracy
+are accumulated on the device so the host synchronises once per epoch, not once per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app_common.events import EpochEnded
+from app_common.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the hot loop runs."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: fp32
+    channels_last: bool
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_runtime(device: str, precision: str) -> Runtime:
+    """Turn the spec's ``device`` and ``precision`` into a :class:`Runtime`.
+
+    ``auto`` precision uses bf16 autocast (and channels_last) on CUDA GPUs with fast bf16 and fp32
+    elsewhere: CPUs without native bf16 run bf16 slower than fp32, and fp32 keeps CPU runs
+    bit-for-bit reproducible.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("training.device: 'cuda' was asked for but no CUDA device is available")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if precision == "bf16":
+        dtype: torch.dtype | None = torch.bfloat16
+    elif precision == "fp32":
+        dtype = None
+    else:
+        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return Runtime(device=dev, autocast_dtype=dtype, channels_last=dev.type == "cuda")
+
+
+def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding of H/8) and horizontal flip of a uint8 batch ``[B, C, H, W]``.
+
+    Offsets and flips are drawn from ``gen`` on the CPU (so a run is reproducible on any device)
+    and applied on the batch's device by gather-style indexing.
+    """
+    if mode == "none" or x.dim() != 4:
+        return x
+    b, _, h, w = x.shape
+    pad = max(1, h // 8)
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=gen).to(x.device)
+    flips = torch.rand(b, generator=gen).to(x.device) < 0.5
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [B, H]
+    cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # [B, W]
+    if mode == "crop_flip":
+        # Flipping is reading the crop's columns right to left.
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    # Advanced indexing puts the broadcast index dims first: [B, H, W, C] -> [B, C, H, W].
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _prepare(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime) -> tuple[int, int]:
+    """Number of correct predictions and samples; eval mode, no augmentation."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    for start in range(0, len(y), EVAL_BATCH):
+        xb = _prepare(x[start : start + EVAL_BATCH], rt)
+        with rt.autocast():
+            logits = model(xb)
+        correct += (logits.argmax(1) == y[start : start + EVAL_BATCH]).sum()
+    model.train(was_training)
+    return int(correct.item()), len(y)
+
+
+def lr_at(spec: TrainingSpec, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """MultiStepLR (restarted at every megabatch) with an optional linear warm-up.
+
+    ``epoch`` is 0-based; the LR is multiplied by gamma once for each milestone <= epoch, the
+    same convention as ``torch.optim.lr_scheduler.MultiStepLR`` stepped once per epoch.
+    """
+    lr = spec.lr * spec.gamma ** sum(1 for m in spec.resolved_milestones if m <= epoch)
+    if epoch < spec.warmup_epochs:
+        done = epoch * steps_per_epoch + step + 1
+        lr *= done / (spec.warmup_epochs * steps_per_epoch)
+    return lr
+
+
+class StopRequested(Exception):
+    """Raised inside the loop when a callback asked the run to stop."""
+
+
+@dataclass
+class MegabatchTraining:
+    """What one megabatch of training produced (the best-validation epoch is restored)."""
+
+    selected_epoch: int  # 1-based
+    train_accuracy: float  # of the selected epoch
+    val_accuracy: float
+    train_accuracy_last: float
+    val_accuracy_last: float
+    train_loss: float
+    train_seconds: float
+    images: int  # training images processed
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    optimizer_state: dict[str, Any] | None = None
+
+
+def train_megabatch(
+    model: nn.Module,
+    apply_masks: Callable[[], None],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    spec: TrainingSpec,
+    augment_mode: str,
+    rt: Runtime,
+    gen: torch.Generator,
+    megabatch: int,
+    emit: Callable[[Any], None],
+    should_stop: Callable[[], bool],
+) -> MegabatchTraining:
+    """Train ``spec.epochs`` epochs on ``x[train_idx]`` and restore the best-validation epoch.
+
+    ``apply_masks`` is called after every optimizer step to keep pruned weights at zero;
+    ``should_stop`` is polled after every epoch and raises :class:`StopRequested` when true.
+    """
+    # A fresh SGD per megabatch: the LR schedule restarts and the momentum of the previous
+    # megabatch's last (not selected) epoch does not leak into the restored model.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() > 1 else no_decay).append(p)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr,
+        momentum=spec.momentum,
+    )
+    train_idx = train_idx.to(rt.device)
+    x_val, y_val = x[val_idx.to(rt.device)], y[val_idx.to(rt.device)]
+    n = len(train_idx)
+    bs = min(spec.batch_size, n)
+    # Drop a trailing batch of one sample: batch norm cannot train on it.
+    steps = n // bs + (1 if n % bs > 1 else 0)
+    best_val, best_state, best_epoch = -1.0, None, 0
+    history: list[dict[str, Any]] = []
+    images = 0
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(spec.epochs):
+        order = train_idx[torch.randperm(n, generator=gen).to(rt.device)]
+        loss_sum = torch.zeros((), device=rt.device)
+        correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+        seen = 0
+        for step in range(steps):
+            idx = order[step * bs : (step + 1) * bs]
+            xb = _prepare(augment(x[idx], augment_mode, gen), rt)
+            yb = y[idx]
+            lr = lr_at(spec, epoch, step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with rt.autocast():
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            apply_masks()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += len(idx)
+        images += seen
+        val_correct, val_total = evaluate(model, x_val, y_val, rt)
+        # One host synchronisation per epoch.
+        train_acc = int(correct.item()) / max(seen, 1)
+        train_loss = float(loss_sum.item()) / max(seen, 1)
+        val_acc = val_correct / val_total
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr_at(spec, epoch, steps - 1, steps),
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "val_accuracy": val_acc,
+        }
+        history.append(record)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"training diverged at megabatch {megabatch}, epoch {epoch + 1} (loss {train_loss}); "
+                "lower training.lr"
+            )
+        if val_acc > best_val:
+            best_val, best_epoch = val_acc, epoch + 1
+            best_state = copy.deepcopy(model.state_dict())
+        emit(
+            EpochEnded(
+                megabatch=megabatch,
+                epoch=epoch + 1,
+                epochs=spec.epochs,
+                lr=record["lr"],
+                train_loss=train_loss,
+                train_accuracy=train_acc,
+                val_accuracy=val_acc,
+            )
+        )
+        if should_stop():
+            raise StopRequested
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    best = history[best_epoch - 1]
+    return MegabatchTraining(
+        selected_epoch=best_epoch,
+        train_accuracy=best["train_accuracy"],
+        val_accuracy=best["val_accuracy"],
+        train_accuracy_last=history[-1]["train_accuracy"],
+        val_accuracy_last=history[-1]["val_accuracy"],
+        train_loss=best["train_loss"],
+        train_seconds=time.perf_counter() - t0,
+        images=images,
+        epochs=history,
+        optimizer_state=optimizer.state_dict(),
+    )
