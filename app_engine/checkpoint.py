@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from app_engine.export import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +43,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def save_checkpoint(out_dir: Path, megabatch: int, state: dict[str, Any], spec_fingerprint: str) -> Path:
@@ -78,13 +52,9 @@ def save_checkpoint(out_dir: Path, megabatch: int, state: dict[str, Any], spec_f
     folder = out_dir / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"megabatch-{megabatch:04d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(folder)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getvalue())
     entry = {"megabatch": megabatch, "file": f"{FOLDER}/{path.name}", "sha256": sha256_file(path),
              "bytes": path.stat().st_size}
     previous = [c for c in _read_record(out_dir).get("checkpoints", []) if c["megabatch"] < megabatch]

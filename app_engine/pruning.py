@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app_common.spec import SCOPES
 from app_engine.schedule import density_schedule
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Batch = tuple[Tensor, Tensor]
-SCOPES = ("global", "local")
 # GraSP divides the logits by this temperature before the loss (Wang et al. 2020, reference code),
 # which keeps the softmax away from saturation so that the Hessian-gradient product is informative.
 GRASP_TEMPERATURE = 200.0
@@ -210,7 +210,9 @@ class Masks:
         for name, m in self._masks.items():
             if tuple(state[name].shape) != tuple(m.shape):
                 raise ValueError(f"mask {name!r} has shape {tuple(state[name].shape)}, expected {tuple(m.shape)}")
-        self._masks = {name: state[name].detach().to(device=m.device, dtype=torch.bool) for name, m in self._masks.items()}
+        self._masks = {
+            name: state[name].detach().to(device=m.device, dtype=torch.bool) for name, m in self._masks.items()
+        }
         self._forget()
 
     def to(self, device: torch.device | str) -> Masks:
