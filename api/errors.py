@@ -1,0 +1,182 @@
+"""Errors as ``application/problem+json`` (RFC 9457): ``{type, title, status, detail, errors}``.
+
+Every failure the API answers goes through here, so clients parse one shape: validation errors
+list each bad field as a dotted path (``sparsity.target``) with the reason; an unreachable Redis
+is a 503 with ``Retry-After``; nothing a client sends can produce a 5xx other than that.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from http import HTTPStatus
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.schemas import FieldErrorOut, Problem
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+# Seconds a client should wait before retrying when Redis is unreachable.
+RETRY_AFTER_S = 2
+_DOTTED = re.compile(r"\b([a-z_]+(?:\.[a-z_]+)+)\b")
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_MEDIA_TYPE
+
+
+class ApiProblem(Exception):
+    """Raise anywhere in a request to answer with a problem document."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        slug: str | None = None,
+        errors: Sequence[FieldErrorOut] = (),
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.slug = slug
+        self.errors = list(errors)
+        self.headers = headers or {}
+
+
+def problem_type(slug: str | None) -> str:
+    # ``about:blank`` means "nothing beyond the HTTP status" (RFC 9457 section 4.2.1).
+    return f"urn:anytime-prune:problem:{slug}" if slug else "about:blank"
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    slug: str | None = None,
+    errors: Iterable[FieldErrorOut] = (),
+    headers: dict[str, str] | None = None,
+) -> ProblemResponse:
+    body = Problem(
+        type=problem_type(slug),
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        errors=list(errors),
+    )
+    return ProblemResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def validation_problem(errors: Sequence[FieldErrorOut], detail: str | None = None) -> ApiProblem:
+    fields = ", ".join(e.field for e in errors)
+    return ApiProblem(422, detail or f"invalid request: {fields}", slug="validation-error", errors=errors)
+
+
+def _field_name(loc: Sequence[Any], message: str, kind: str) -> str:
+    """Dotted field name of a pydantic error location.
+
+    ``("body", "sparsity", "target")`` -> ``sparsity.target``; ``("query", "limit")`` -> ``limit``;
+    a JSON syntax error ``("body", 12)`` -> ``body``. A model-level validator reports on the model
+    (``("body", "sparsity")``) with a message naming the field ("give either sparsity.target or
+    sparsity.tau"): the first dotted name in the message below the model is the better answer.
+    """
+    if not loc or kind == "json_invalid":
+        return "body"
+    where, rest = str(loc[0]), [str(p) for p in loc[1:]]
+    if where == "header" and rest and rest[0].lower().replace("_", "-") == "idempotency-key":
+        return "Idempotency-Key"
+    dotted = ".".join(rest)
+    if where != "body":
+        return dotted or where
+    for candidate in _DOTTED.findall(message):
+        if not dotted or candidate.startswith(dotted + "."):
+            return candidate
+    return dotted or "body"
+
+
+def _reason(err: dict[str, Any]) -> str:
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == "json_invalid":
+        ctx = err.get("ctx") or {}
+        return f"malformed JSON: {ctx.get('error', msg)}"
+    if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+        return "a JSON object is required"
+    return msg
+
+
+def request_validation_errors(exc: RequestValidationError) -> list[FieldErrorOut]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        field = _field_name(loc, str(err.get("msg", "")), str(err.get("type", "")))
+        out.append(FieldErrorOut(field=field, reason=_reason(err)))
+    return out
+
+
+async def _on_api_problem(request: Request, exc: Exception) -> ProblemResponse:
+    if not isinstance(exc, ApiProblem):  # registered for this class only
+        raise exc
+    return problem_response(exc.status, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers)
+
+
+async def _on_validation(request: Request, exc: Exception) -> ProblemResponse:
+    if not isinstance(exc, RequestValidationError):  # registered for this class only
+        raise exc
+    problem = validation_problem(request_validation_errors(exc))
+    return problem_response(422, problem.detail, slug=problem.slug, errors=problem.errors)
+
+
+async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
+    if not isinstance(exc, StarletteHTTPException):  # registered for this class only
+        raise exc
+    headers = dict(exc.headers or {})
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        # FastAPI's answer for bodies json cannot decode (invalid UTF-8, nesting too deep).
+        errors = [FieldErrorOut(field="body", reason="malformed JSON")]
+        return problem_response(422, "malformed JSON body", slug="validation-error", errors=errors)
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no route {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"method {request.method} not allowed on {request.url.path}"
+    return problem_response(exc.status_code, detail, headers=headers)
+
+
+async def _on_redis_down(request: Request, exc: Exception) -> ProblemResponse:
+    log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        503,
+        f"the job store (Redis) is unavailable: {exc}",
+        slug="store-unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> ProblemResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(500, "internal error", slug="internal-error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiProblem, _on_api_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    # Connection refused, timeouts, and a Redis that answers with errors (loading, read-only,
+    # out of memory) all mean the store cannot serve this request now: 503, retry later.
+    app.add_exception_handler(redis.exceptions.RedisError, _on_redis_down)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses (rendered as application/problem+json by
+    :func:`api.main.create_app`'s OpenAPI hook)."""
+    return {code: {"model": Problem, "description": HTTPStatus(code).phrase} for code in codes}

@@ -1,0 +1,111 @@
+"""The FastAPI application factory.
+
+    uvicorn --factory api.main:create_app
+
+builds the settings from the environment; tests and ``anytime-prune serve`` pass their own.
+Everything lives under ``/api/v1`` except ``/healthz``, ``/readyz``, ``/metrics``, ``/docs`` and
+``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
+from api.metrics import ApiMetrics
+from api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from api.queue import create_celery
+from api.routes import artifacts, catalog, health, jobs
+from app_common.settings import Settings
+from app_common.store import JobStore, make_redis
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+
+def _version() -> str:
+    try:
+        return version("anytime-prune")
+    except PackageNotFoundError:
+        return "0.0.0+local"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API wired to ``settings`` (read from the environment when None)."""
+    settings = settings or Settings()
+    if not settings.redis_url:
+        raise ValueError("settings.redis_url is required (anytime-prune serve starts an embedded Redis)")
+    client = make_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    store = JobStore(client, prefix=settings.redis_prefix, events_maxlen=settings.events_maxlen)
+    celery_app = create_celery(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        celery_app.close()
+        client.close()
+
+    app = FastAPI(
+        title="anytime-prune",
+        version=_version(),
+        summary="Train sparse networks with Anytime Progressive Pruning.",
+        description="Submit a job spec, follow its events, read its metrics, download the pruned model. "
+        "Errors are `application/problem+json`.",
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.celery = celery_app
+    app.state.metrics = ApiMetrics()
+    if settings.signing_secret:
+        app.state.signing_secret = settings.signing_secret
+    else:
+        # Links then stop working when this process restarts, and differ between API replicas.
+        log.warning("APP_SIGNING_SECRET is not set: using a random one for this process")
+        app.state.signing_secret = secrets.token_urlsafe(32)
+
+    install_error_handlers(app)
+    app.include_router(jobs.router, prefix=API_PREFIX)
+    app.include_router(artifacts.router, prefix=API_PREFIX)
+    app.include_router(catalog.router, prefix=API_PREFIX)
+    app.include_router(health.router)
+    # Added last = outermost: oversized bodies are refused before anything else runs.
+    app.add_middleware(
+        RequestMetricsMiddleware, requests=app.state.metrics.http_requests, latency=app.state.metrics.http_latency
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document with every error response as application/problem+json (what the
+    handlers send) instead of FastAPI's default validation schema."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(
+        title=app.title, version=app.version, summary=app.summary, description=app.description, routes=app.routes
+    )
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    for path_item in doc.get("paths", {}).values():
+        for operation in path_item.values():
+            for code, response in operation.get("responses", {}).items():
+                if code.isdigit() and int(code) >= 400:
+                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    app.openapi_schema = doc
+    return doc

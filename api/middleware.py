@@ -1,0 +1,97 @@
+"""ASGI middleware: the request body limit and the HTTP request metrics."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import problem_response
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class BodySizeLimitMiddleware:
+    """413 for a request body over ``max_bytes``: at once when Content-Length says so, otherwise
+    as soon as the streamed (chunked) body passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        detail = f"request body larger than {self.max_bytes} bytes"
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await problem_response(413, detail, slug="body-too-large")(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Starlette's HTTPException passes through FastAPI's body parsing to the
+                    # exception handlers, which answer with a problem document.
+                    raise HTTPException(413, detail)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def route_template(path: str, route_path: str | None) -> str:
+    """The full template of a matched request, e.g. ``/api/v1/jobs/{job_id}/events``.
+
+    A route included with a prefix may know only its own part of the template (``/jobs/{job_id}``,
+    depending on the FastAPI version); prefixes have no parameters, so the missing leading
+    segments are copied from the request path.
+    """
+    if not route_path:
+        return "<unmatched>"
+    actual = path.strip("/").split("/")
+    own = route_path.strip("/").split("/") if route_path.strip("/") else []
+    missing = actual[: max(0, len(actual) - len(own))]
+    return "/" + "/".join([*missing, *own])
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route template (not raw path: fuzzed URLs must not explode the label
+    set), method and status, and times them."""
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram):
+        self.app = app
+        self.requests = requests
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            # Plain Starlette routes (/docs, /openapi.json) have no parameters: their path is the template.
+            route_path = getattr(route, "path", None) if route else (scope["path"] if "endpoint" in scope else None)
+            template = route_template(scope["path"], route_path)
+            method = scope.get("method", "")
+            method = method if route_path and method in _METHODS else "OTHER"
+            self.requests.labels(template, method, str(status)).inc()
+            self.latency.labels(template, method).observe(time.perf_counter() - start)

@@ -1,0 +1,51 @@
+"""Queueing jobs: a Celery app used only as a producer. The API sends the task by *name*, so it
+never imports the worker (or torch)."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from app_common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "anytime_prune.run_job"
+
+
+def create_celery(settings: Settings) -> Celery:
+    """A producer-side Celery app on the Redis broker: JSON only, no results, fail fast.
+
+    Publishing is not retried: when the broker is unreachable the API must answer 503 within
+    about ``redis_timeout_s`` rather than block the request for Celery's retry schedule.
+    """
+    if not settings.redis_url:
+        raise ValueError("settings.redis_url is required to queue jobs")
+    app = Celery("anytime_prune_api", broker=settings.redis_url, set_as_current=False)
+    timeout = settings.redis_timeout_s
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_publish_retry=False,
+        broker_connection_retry=False,
+        broker_connection_retry_on_startup=False,
+        broker_connection_max_retries=0,
+        broker_connection_timeout=timeout,
+        broker_transport_options={
+            **settings.celery_transport_options(),
+            "socket_connect_timeout": timeout,
+            "socket_timeout": timeout,
+            "max_retries": 0,
+        },
+    )
+    return app
+
+
+def enqueue(celery_app: Celery, job_id: str, queue: str) -> None:
+    """Put ``run_job(job_id)`` on ``queue``; raises (kombu OperationalError, redis errors) when the
+    broker cannot take it."""
+    celery_app.send_task(TASK_NAME, args=[job_id], queue=queue)
+    log.info("job %s queued on %s", job_id, queue)

@@ -1,0 +1,72 @@
+"""/api/v1/artifacts: downloads through signed, expiring links (no API key needed)."""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from api.deps import SecretDep, SettingsDep, StoreDep
+from api.errors import ApiProblem, problem_responses
+from api.routes.jobs import artifact_infos
+from api.signing import verify
+from app_common.events import SUCCEEDED
+
+router = APIRouter(prefix="/artifacts", tags=["artifacts"])
+
+# Formats the engine writes whose content type mimetypes does not know.
+_MEDIA_TYPES = {".safetensors": "application/octet-stream", ".onnx": "application/octet-stream",
+                ".npz": "application/octet-stream", ".svg": "image/svg+xml"}
+
+
+def media_type_for(name: str) -> str:
+    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if suffix in _MEDIA_TYPES:
+        return _MEDIA_TYPES[suffix]
+    guessed, _ = mimetypes.guess_type(name)
+    return guessed or "application/octet-stream"
+
+
+@router.get(
+    "/{job_id}/{name}",
+    operation_id="download_artifact",
+    summary="Download one file of a job through a signed link",
+    response_class=FileResponse,
+    responses={
+        200: {"description": "The file; `ETag` is its sha256.",
+              "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        **problem_responses(403, 404, 422),
+    },
+)
+async def download_artifact(
+    job_id: str,
+    name: str,
+    store: StoreDep,
+    settings: SettingsDep,
+    secret: SecretDep,
+    expires: Annotated[int, Query(ge=0, le=2**53, description="Unix time the link expires.")],
+    sig: Annotated[str, Query(min_length=1, max_length=128, description="HMAC-SHA256 of job_id/name/expires.")],
+) -> FileResponse:
+    if (why := verify(secret, job_id, name, expires, sig)) is not None:
+        raise ApiProblem(403, f"download link refused: {why}", slug="bad-download-link")
+    record = await run_in_threadpool(store.get_job, job_id)
+    if record is None or record["status"] != SUCCEEDED:
+        raise ApiProblem(404, f"no artifacts for job {job_id}", slug="artifact-not-found")
+    # Only files the worker listed can be served: a signed name still cannot reach other paths.
+    info = next((a for a in artifact_infos(record) if a.name == name), None)
+    missing = ApiProblem(404, f"job {job_id} has no artifact {name!r}", slug="artifact-not-found")
+    if info is None:
+        raise missing
+    folder = (settings.artifacts_dir / job_id).resolve()
+    path = (folder / name).resolve()
+    if path.parent != folder or not path.is_file():
+        raise missing
+    return FileResponse(
+        path,
+        media_type=media_type_for(name),
+        filename=name,
+        headers={"ETag": f'"{info.sha256}"', "Cache-Control": "private, max-age=60"},
+    )

@@ -1,0 +1,414 @@
+"""/api/v1/jobs: submit, list, read, cancel, delete, follow (SSE), metrics and artifact links."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Annotated, Any
+
+import redis
+from celery import Celery
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from api.deps import CeleryDep, OwnerDep, SecretDep, SettingsDep, StoreDep
+from api.errors import ApiProblem, problem_responses, validation_problem
+from api.queue import enqueue
+from api.schemas import (
+    ArtifactInfo,
+    ArtifactPublic,
+    FieldErrorOut,
+    JobCreate,
+    JobList,
+    JobMetrics,
+    JobPublic,
+    JobStatus,
+    JobUrls,
+)
+from api.signing import signed_path
+from api.sse import event_stream
+from app_common.events import SUCCEEDED, TERMINAL_STATUSES
+from app_common.settings import Settings
+from app_common.spec import JobSpec
+from app_common.store import InvalidCursor, JobStore, TooManyActiveJobs
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+API_PREFIX = "/api/v1"
+_STREAM_ID = r"^[0-9]{1,20}-[0-9]{1,20}$"
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Retrying a POST with the same key and body replays the first answer.",
+    ),
+]
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def job_urls(job_id: str) -> JobUrls:
+    base = f"{API_PREFIX}/jobs/{job_id}"
+    return JobUrls(
+        self=base, events=f"{base}/events", metrics=f"{base}/metrics", artifacts=f"{base}/artifacts",
+        cancel=f"{base}/cancel",
+    )
+
+
+def artifact_infos(record: dict[str, Any]) -> list[ArtifactInfo]:
+    out = []
+    for item in record.get("artifacts") or []:
+        try:
+            info = ArtifactInfo.model_validate(item)
+        except ValidationError:
+            log.warning("job %s: ignoring malformed artifact entry %r", record.get("id"), item)
+            continue
+        if _safe_name(info.name):
+            out.append(info)
+    return out
+
+
+def _safe_name(name: str) -> bool:
+    """A plain file name inside the job folder: no separators, no parent, no hidden files."""
+    return bool(name) and "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
+
+
+def to_public(record: dict[str, Any]) -> JobPublic:
+    return JobPublic(
+        id=record["id"],
+        status=record["status"],
+        queue=record["queue"],
+        spec=JobSpec.model_validate(record["spec"]),
+        created_at=record["created_at"],
+        started_at=record["started_at"],
+        finished_at=record["finished_at"],
+        updated_at=record["updated_at"],
+        error=record["error"],
+        attempt=record["attempt"] or 0,
+        progress=record["progress"],
+        latest_metrics=record["latest_metrics"],
+        result=record["result"],
+        artifacts=artifact_infos(record),
+        cancel_requested=bool(record["cancel_requested"]),
+        urls=job_urls(record["id"]),
+    )
+
+
+def owned_job(store: JobStore, job_id: str, owner: str) -> dict[str, Any]:
+    """The job if it exists and belongs to ``owner``; another key's job is indistinguishable from
+    a missing one (404), so ids cannot be probed."""
+    record = store.get_job(job_id)
+    if record is None or record["owner"] != owner:
+        raise ApiProblem(404, f"no job {job_id}", slug="job-not-found")
+    return record
+
+
+def data_path_problem(path: str, data_dir: Path) -> str | None:
+    """Why ``dataset.path`` is unacceptable, or None. It must name something that exists inside
+    the server's data folder, written relative to it."""
+    if "\x00" in path:
+        return "must not contain NUL characters"
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).drive or path.startswith(("~", "\\")):
+        return "must be relative to the server's data folder"
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    if ".." in parts:
+        return "must not contain '..'"
+    try:
+        root = data_dir.resolve()
+        full = (root / path).resolve()
+        if not full.is_relative_to(root):
+            return "leads outside the server's data folder"
+        if not full.exists():
+            return f"{path!r} does not exist in the server's data folder"
+    except (OSError, RuntimeError, ValueError):
+        return "is not a valid path"
+    return None
+
+
+def check_server_limits(spec: JobSpec, settings: Settings) -> str:
+    """Validate what the spec schema cannot know (this server's limits, its data folder, its
+    workers); returns the queue the job goes to. Raises a 422 problem naming each field."""
+    errors: list[FieldErrorOut] = []
+    if spec.training.epochs > settings.max_epochs:
+        errors.append(FieldErrorOut(field="training.epochs", reason=f"at most {settings.max_epochs} on this server"))
+    if spec.stream.megabatches > settings.max_megabatches:
+        errors.append(
+            FieldErrorOut(field="stream.megabatches", reason=f"at most {settings.max_megabatches} on this server")
+        )
+    if spec.dataset.path is not None and (reason := data_path_problem(spec.dataset.path, settings.data_dir)):
+        errors.append(FieldErrorOut(field="dataset.path", reason=reason))
+    queue = settings.queue_for_device(spec.training.device)
+    if queue is None:
+        errors.append(
+            FieldErrorOut(
+                field="training.device",
+                reason=f"no worker serves {spec.training.device!r} here (queues: {', '.join(settings.queues)})",
+            )
+        )
+    if errors:
+        raise validation_problem(errors)
+    return queue or settings.default_queue
+
+
+def _fingerprint(spec: JobSpec) -> str:
+    # The validated spec with defaults filled, so two bodies that mean the same job match.
+    blob = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _job_created(body: dict[str, Any], *, replayed: bool = False) -> JSONResponse:
+    headers = {"Location": body["urls"]["self"]}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body, status_code=202, headers=headers)
+
+
+# --- routes -----------------------------------------------------------------------------------
+@router.post(
+    "",
+    operation_id="create_job",
+    status_code=202,
+    response_model=JobPublic,
+    summary="Submit a job",
+    responses=problem_responses(401, 409, 413, 422, 429, 503),
+    description=(
+        "Validates the spec against the schema and this server's limits, stores the job (status "
+        "`queued`) and queues it. Answers 202 with `Location`. With an `Idempotency-Key`, a retry "
+        "with the same key and body replays the first answer (202, same job, header "
+        "`Idempotent-Replayed: true`); the same key with a different body is a 422 naming "
+        "`Idempotency-Key`; a retry while the first request is still being handled is a 409. "
+        "`training.device: cuda` is accepted only when the server has a `gpu` queue (see the catalog)."
+    ),
+)
+def create_job(
+    spec: JobCreate,
+    owner: OwnerDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    celery_app: CeleryDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    queue = check_server_limits(spec, settings)
+    fingerprint = _fingerprint(spec)
+    if idempotency_key is not None:
+        previous = store.reserve_idempotency(owner, idempotency_key, fingerprint, settings.idempotency_ttl_s)
+        if previous is not None:
+            if previous["fingerprint"] != fingerprint:
+                raise validation_problem(
+                    [FieldErrorOut(field="Idempotency-Key", reason="already used with a different request body")]
+                )
+            if previous["response"] is None:
+                raise ApiProblem(409, "a request with this Idempotency-Key is still being handled",
+                                 slug="idempotency-in-progress", headers={"Retry-After": "1"})
+            return _job_created(previous["response"]["body"], replayed=True)
+    try:
+        record = _create_and_enqueue(spec, owner, queue, settings, store, celery_app)
+    except BaseException:
+        if idempotency_key is not None:
+            try:
+                store.release_idempotency(owner, idempotency_key)
+            except redis.exceptions.RedisError:
+                log.warning("could not release Idempotency-Key %r of %s", idempotency_key, owner)
+        raise
+    body = to_public(record).model_dump(mode="json")
+    if idempotency_key is not None:
+        store.complete_idempotency(
+            owner, idempotency_key, fingerprint, {"status_code": 202, "body": body}, settings.idempotency_ttl_s
+        )
+    return _job_created(body)
+
+
+def _create_and_enqueue(
+    spec: JobSpec, owner: str, queue: str, settings: Settings, store: JobStore, celery_app: Celery
+) -> dict[str, Any]:
+    try:
+        record = store.create_job(owner, spec.to_dict(), queue=queue, max_active=settings.max_concurrent_jobs_per_key)
+    except TooManyActiveJobs:
+        raise ApiProblem(
+            429,
+            f"at most {settings.max_concurrent_jobs_per_key} queued or running jobs per API key",
+            slug="too-many-jobs",
+            headers={"Retry-After": "30"},
+        ) from None
+    try:
+        enqueue(celery_app, record["id"], queue)
+    except Exception as exc:  # kombu OperationalError, redis and socket errors: the broker is down
+        log.warning("job %s could not be queued: %s", record["id"], exc)
+        try:
+            store.transition(record["id"], "failed", reason=f"could not be queued: {exc}", allowed_from={"queued"})
+        except redis.exceptions.RedisError:
+            log.warning("job %s could not be marked failed", record["id"])
+        raise ApiProblem(503, f"the job queue is unavailable: {exc}", slug="queue-unavailable",
+                         headers={"Retry-After": "2"}) from exc
+    return record
+
+
+@router.get(
+    "",
+    operation_id="list_jobs",
+    response_model=JobList,
+    summary="List your jobs, newest first",
+    responses=problem_responses(401, 422, 503),
+)
+def list_jobs(
+    owner: OwnerDep,
+    store: StoreDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs with this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page.")] = None,
+) -> JobList:
+    try:
+        records, next_cursor = store.list_jobs(owner, status=status, cursor=cursor, limit=limit)
+    except InvalidCursor:
+        raise validation_problem([FieldErrorOut(field="cursor", reason="not a cursor from this API")]) from None
+    return JobList(items=[to_public(r) for r in records], next_cursor=next_cursor)
+
+
+@router.get(
+    "/{job_id}",
+    operation_id="get_job",
+    response_model=JobPublic,
+    summary="Read a job",
+    responses=problem_responses(401, 404, 503),
+)
+def get_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobPublic:
+    return to_public(owned_job(store, job_id, owner))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    operation_id="cancel_job",
+    response_model=JobPublic,
+    summary="Cancel a job",
+    responses={
+        202: {"description": "Running: now `cancelling`; the worker stops within an epoch.", "model": JobPublic},
+        **problem_responses(401, 404, 409, 503),
+    },
+    description="A queued job is cancelled at once (200); a running one becomes `cancelling` (202). "
+    "A finished job cannot be cancelled (409).",
+)
+def cancel_job(job_id: str, owner: OwnerDep, store: StoreDep, response: Response) -> JobPublic:
+    record = owned_job(store, job_id, owner)
+    if record["status"] in TERMINAL_STATUSES:
+        raise ApiProblem(409, f"job {job_id} is already {record['status']}", slug="job-finished")
+    after = store.request_cancel(job_id)
+    if after is None:
+        raise ApiProblem(404, f"no job {job_id}", slug="job-not-found")
+    if after["status"] in TERMINAL_STATUSES and after["status"] != "cancelled":
+        raise ApiProblem(409, f"job {job_id} is already {after['status']}", slug="job-finished")
+    response.status_code = 200 if after["status"] == "cancelled" else 202
+    return to_public(after)
+
+
+@router.delete(
+    "/{job_id}",
+    operation_id="delete_job",
+    status_code=204,
+    summary="Delete a finished job, its events and its artifacts",
+    responses=problem_responses(401, 404, 409, 503),
+)
+def delete_job(job_id: str, owner: OwnerDep, store: StoreDep, settings: SettingsDep) -> Response:
+    record = owned_job(store, job_id, owner)
+    if record["status"] not in TERMINAL_STATUSES:
+        raise ApiProblem(409, f"job {job_id} is {record['status']}: cancel it first", slug="job-not-finished")
+    store.delete_job(job_id)
+    folder = settings.artifacts_dir / job_id
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{job_id}/events",
+    operation_id="job_events",
+    summary="Follow a job's events (Server-Sent Events)",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "`text/event-stream`: `id:` stream id, `event:` type, `data:` JSON.",
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **problem_responses(401, 404, 422, 503),
+    },
+    description="Sends every stored event (or those after `Last-Event-ID` / `last_event_id`), then "
+    "new ones as they happen; a comment line keeps the connection alive while idle. The stream ends "
+    "after the job is finished and all its events were sent.",
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    owner: OwnerDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Query(pattern=_STREAM_ID, description="Resume after this event id.")] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", pattern=_STREAM_ID)] = None,
+) -> StreamingResponse:
+    after = last_event_id_header or last_event_id or "0-0"
+    if any(int(part) >= 2**64 for part in after.split("-")):
+        field = "Last-Event-ID" if last_event_id_header else "last_event_id"
+        raise validation_problem([FieldErrorOut(field=field, reason="not a stream id (out of range)")])
+    await run_in_threadpool(owned_job, store, job_id, owner)
+    stream = event_stream(
+        redis_url=settings.redis_url or "",
+        job_key=store.job_key(job_id),
+        events_key=store.events_key(job_id),
+        after=after,
+        heartbeat_s=settings.sse_heartbeat_s,
+        timeout_s=settings.redis_timeout_s,
+    )
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get(
+    "/{job_id}/metrics",
+    operation_id="job_metrics",
+    response_model=JobMetrics,
+    summary="Metric history per megabatch and per epoch",
+    responses=problem_responses(401, 404, 503),
+)
+def job_metrics(job_id: str, owner: OwnerDep, store: StoreDep) -> JobMetrics:
+    owned_job(store, job_id, owner)
+    return JobMetrics(**store.history(job_id))
+
+
+@router.get(
+    "/{job_id}/artifacts",
+    operation_id="job_artifacts",
+    response_model=list[ArtifactPublic],
+    summary="Download links of a succeeded job's files",
+    responses=problem_responses(401, 404, 409, 503),
+    description="Each `download_url` is signed and expires (`expires_at`); it works without the API key.",
+)
+def job_artifacts(
+    job_id: str, request: Request, owner: OwnerDep, store: StoreDep, settings: SettingsDep, secret: SecretDep
+) -> list[ArtifactPublic]:
+    record = owned_job(store, job_id, owner)
+    if record["status"] != SUCCEEDED:
+        raise ApiProblem(409, f"job {job_id} is {record['status']}: artifacts exist once it succeeded",
+                         slug="job-not-succeeded")
+    base = settings.public_base_url or str(request.base_url).rstrip("/")
+    now = time.time()
+    out = []
+    for info in artifact_infos(record):
+        path, expires = signed_path(secret, job_id, info.name, settings.download_url_ttl_s, now=now)
+        out.append(
+            ArtifactPublic(
+                **info.model_dump(),
+                download_url=f"{base}{path}",
+                expires_at=datetime.fromtimestamp(expires, UTC),
+            )
+        )
+    return out

