@@ -4,6 +4,7 @@ start without torch."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 
@@ -18,11 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_engine_commands(sub)
-    try:
+    # find_spec, not try/except ImportError: a real import error in the module must surface.
+    if importlib.util.find_spec("anytime_prune.service_cli") is not None:
         from anytime_prune.service_cli import add_service_commands
-    except ImportError:  # pragma: no cover - the service extras are not installed
-        pass
-    else:
+
         add_service_commands(sub)
     return parser
 
