@@ -1,0 +1,47 @@
+"""Start a worker programmatically (``anytime-prune worker --queue gpu|cpu`` calls this)."""
+
+from __future__ import annotations
+
+import logging
+
+from app_common.settings import QUEUE_NAMES, Settings
+
+log = logging.getLogger(__name__)
+
+
+def worker_argv(queue: str, *, loglevel: str = "INFO", hostname: str | None = None) -> list[str]:
+    """The ``celery worker`` arguments of one job-at-a-time worker on ``queue``.
+
+    Equivalent to ``celery -A worker.celery_app worker -Q <queue> -c 1 --prefetch-multiplier 1
+    -O fair --max-tasks-per-child 1``: one job per worker (one per GPU), holding no message it
+    does not run, and a fresh pool child for every job.
+    """
+    if queue not in QUEUE_NAMES:
+        raise ValueError(f"unknown queue '{queue}'; known: {', '.join(QUEUE_NAMES)}")
+    return [
+        "worker",
+        "--queues", queue,
+        "--concurrency", "1",
+        "--prefetch-multiplier", "1",
+        "--optimization", "fair",
+        "--max-tasks-per-child", "1",
+        "--pool", "prefork",
+        "--loglevel", loglevel,
+        "--hostname", hostname or f"{queue}@%h",
+        # Gossip and mingle exchange state between workers at startup and every second; our
+        # workers share nothing through Celery, and without them startup is faster.
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def run_worker(queue: str, settings: Settings, *, loglevel: str = "INFO", hostname: str | None = None) -> int:
+    """Run a worker consuming ``queue`` until it is shut down; returns its exit status."""
+    if settings.redis_url is None:
+        raise RuntimeError("a worker needs REDIS_URL (the broker and the job store)")
+    from worker.celery_app import make_celery
+
+    app = make_celery(settings)
+    log.info("starting a worker on queue %s", queue)
+    code = app.start(argv=worker_argv(queue, loglevel=loglevel, hostname=hostname))
+    return int(code or 0)

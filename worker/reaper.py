@@ -1,0 +1,97 @@
+"""Re-enqueue jobs whose worker died.
+
+When a pool child dies, Celery puts its message back (``reject_on_worker_lost``). When the whole
+worker dies (its main process is killed, the machine is lost), the message stays in Redis's
+"unacked" set until the visibility timeout, hours later. The job record still says ``running``
+but nobody renews its lease; :func:`reap_orphans` finds such jobs and sends the task again. The
+lease check in :func:`worker.job.execute_job` makes any duplicate delivery harmless.
+
+Every worker runs the reaper in a daemon thread of its main process (it needs only Redis, never
+torch); a short-lived claim key per job keeps several reapers from sending the same job
+together.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+from redis.exceptions import RedisError
+
+from app_common.events import CANCELLING, RUNNING
+from app_common.settings import Settings
+from app_common.store import JobStore
+from worker.job import RUN_JOB_TASK
+
+log = logging.getLogger(__name__)
+
+def reap_window_s(settings: Settings) -> float:
+    """How long a re-enqueued job is left alone before it may be re-enqueued again.
+
+    The new message may wait in the queue behind other jobs while the lease stays expired; ten
+    lease TTLs (5 minutes by default) bounds the duplicates such a wait produces to one per
+    window, each of which stands down at once.
+    """
+    return max(10.0 * float(settings.job_lease_ttl_s), 1.0)
+
+
+def reap_orphans(store: JobStore, celery_app: Celery, settings: Settings) -> list[str]:
+    """Send ``anytime_prune.run_job`` again for every running job with an expired lease.
+
+    Returns the ids of the jobs re-enqueued by this call.
+    """
+    reaped: list[str] = []
+    window_ms = int(reap_window_s(settings) * 1000)
+    for job_id in store.running_jobs():
+        # Lease first, record second: a job that finishes in between is then seen terminal.
+        if store.lease_alive(job_id):
+            continue
+        record = store.get_job(job_id)
+        if record is None or record["status"] not in (RUNNING, CANCELLING):
+            continue
+        claim = f"{settings.redis_prefix}:job:{job_id}:reaped"
+        if not store.redis.set(claim, "1", nx=True, px=window_ms):
+            continue  # another reaper (or this one, earlier) already re-enqueued it
+        queue = record.get("queue") or settings.default_queue
+        celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+        log.warning("job %s: its worker stopped renewing the lease; re-enqueued on %s", job_id, queue)
+        reaped.append(job_id)
+    return reaped
+
+
+class ReaperThread(threading.Thread):
+    """Calls :func:`reap_orphans` every ``interval_s`` until stopped; errors are logged, not fatal."""
+
+    def __init__(self, store: JobStore, celery_app: Celery, settings: Settings, interval_s: float) -> None:
+        super().__init__(name="job-reaper", daemon=True)
+        self.store = store
+        self.celery_app = celery_app
+        self.settings = settings
+        self.interval_s = interval_s
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                reap_orphans(self.store, self.celery_app, self.settings)
+            except (RedisError, OSError) as exc:
+                log.warning("reaper: Redis unreachable (%s); trying again in %.0f s", exc, self.interval_s)
+            except Exception:  # a reaper that dies silently would leave orphans forever
+                log.exception("reaper: unexpected error")
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=5)
+
+
+def start_reaper(celery_app: Celery, settings: Settings, *, interval_s: float | None = None) -> ReaperThread:
+    """Start the reaper thread (every lease TTL by default) on its own Redis connection."""
+    from worker.tasks import connect_store
+
+    interval = float(settings.job_lease_ttl_s) if interval_s is None else interval_s
+    thread = ReaperThread(connect_store(settings), celery_app, settings, interval)
+    thread.start()
+    log.info("reaper started: checking for orphaned jobs every %.0f s", interval)
+    return thread

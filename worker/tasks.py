@@ -1,0 +1,85 @@
+"""The Celery task: a thin adapter from a message to :func:`worker.job.execute_job`.
+
+The API sends ``anytime_prune.run_job`` by name with one argument, the job id; everything else
+(the spec, the status, progress) lives in the job record in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from celery import Celery, Task
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app_common.settings import Settings
+from app_common.store import JobStore, make_redis
+from worker.job import RUN_JOB_TASK, execute_job
+
+log = logging.getLogger(__name__)
+
+# Exit status of a pool child ended after the cancel grace period (EX_SOFTWARE-like, non-zero so
+# Celery's log shows it was not a normal exit).
+TERMINATED_EXIT_CODE = 70
+
+
+def connect_store(settings: Settings) -> JobStore:
+    """A job store on ``settings.redis_url`` with the service's prefix, limits and timeouts."""
+    if settings.redis_url is None:
+        raise RuntimeError("a worker needs REDIS_URL (the broker and the job store)")
+    client = make_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    return JobStore(client, prefix=settings.redis_prefix, events_maxlen=settings.events_maxlen)
+
+
+def terminate_process() -> None:
+    """End this pool child at once (called from the heartbeat thread after the grace period).
+
+    The job is already marked cancelled. The parent sees the child die, and with
+    ``reject_on_worker_lost`` puts the message back; the redelivery finds the job terminal and is
+    acknowledged without running anything. ``os._exit`` because a run cannot be interrupted from
+    another thread; nothing else of value is lost (the last megabatch checkpoint is on disk).
+    """
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(TERMINATED_EXIT_CODE)
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    """Register ``anytime_prune.run_job`` on ``app``, bound to ``settings``.
+
+    The task is a closure over ``settings`` (not a module-level ``shared_task``) so a worker
+    started programmatically with injected settings runs jobs with those, not with whatever the
+    environment says; pool children are forked and inherit them.
+    """
+
+    @app.task(
+        name=RUN_JOB_TASK,
+        bind=True,
+        # Not a "shared" task: Celery would otherwise add this closure (and its settings) to
+        # every app created later in the process.
+        shared=False,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        # Redis unreachable before or after the run: retry later; the job resumes from its
+        # checkpoint. Engine errors never get here (execute_job records them on the job).
+        autoretry_for=(RedisConnectionError, RedisTimeoutError),
+        retry_backoff=5,
+        retry_backoff_max=300,
+        retry_jitter=True,
+        max_retries=10,
+    )
+    def run_job(self: Task, job_id: str) -> str:
+        log.info("job %s: delivery %s (redelivered: %s)", job_id, self.request.id, _redelivered(self))
+        store = connect_store(settings)
+        outcome = execute_job(job_id, store=store, settings=settings, on_cancel_timeout=terminate_process)
+        log.info("job %s: %s", job_id, outcome)
+        return outcome
+
+
+def _redelivered(task: Task) -> Any:
+    info = task.request.delivery_info or {}
+    return info.get("redelivered")
