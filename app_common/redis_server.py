@@ -107,6 +107,9 @@ class EmbeddedRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C goes to `serve`, which stops Redis last, after
+            # the worker and the API that still use it.
+            start_new_session=True,
         )
 
     def _terminate(self) -> None:

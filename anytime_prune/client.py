@@ -1,0 +1,530 @@
+"""Python client of the anytime-prune HTTP API, for scripts and pipelines.
+
+    from anytime_prune.client import Client
+
+    client = Client.from_env()                      # or Client("http://host:8000", "ap_...")
+    job = client.submit({"dataset": {"name": "digits"}, "architecture": "cnn_small",
+                         "stream": {"megabatches": 4}, "training": {"epochs": 3}})
+    final = client.watch(job["id"], callback=print)  # follows the live event stream
+    paths = client.download(job["id"], "out/")       # sha256 checked against the listing
+
+Torch-free (httpx and the standard library only), so it is cheap to import anywhere. Every
+non-2xx answer raises :class:`ApiError`, parsed from the API's ``application/problem+json``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+ENV_URL = "ANYTIME_PRUNE_URL"
+ENV_API_KEY = "ANYTIME_PRUNE_API_KEY"
+ENV_HOME = "ANYTIME_PRUNE_HOME"
+CREDENTIALS_FILE = "credentials.json"
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One bad field of a rejected request (``field`` is a dotted path like ``sparsity.target``)."""
+
+    field: str
+    reason: str
+
+
+class ApiError(Exception):
+    """A non-2xx answer of the API (or the service being unreachable: ``status`` 0)."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        errors: list[FieldProblem] | None = None,
+        *,
+        type: str = "about:blank",  # noqa: A002 - the RFC 9457 member name
+        retry_after: float | None = None,
+    ):
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.errors = list(errors or [])
+        self.type = type
+        self.retry_after = retry_after
+        lines = [f"{status} {title}: {detail}" if status else f"{title}: {detail}"]
+        lines += [f"  {e.field}: {e.reason}" for e in self.errors]
+        super().__init__("\n".join(lines))
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> ApiError:
+        """Parse a problem document; fall back to the status line for anything else (a proxy's
+        HTML error page, an empty body)."""
+        status = response.status_code
+        title = response.reason_phrase or "error"
+        detail = ""
+        errors: list[FieldProblem] = []
+        kind = "about:blank"
+        try:
+            body = json.loads(response.content) if response.content else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if isinstance(body, dict):
+            title = str(body.get("title") or title)
+            detail = str(body.get("detail") or "")
+            kind = str(body.get("type") or kind)
+            for item in body.get("errors") or []:
+                if isinstance(item, dict):
+                    errors.append(FieldProblem(str(item.get("field", "")), str(item.get("reason", ""))))
+        if not detail:
+            detail = response.text[:200].strip() or title
+        retry_after: float | None = None
+        with contextlib.suppress(ValueError):
+            header = response.headers.get("Retry-After")
+            retry_after = float(header) if header is not None else None
+        return cls(status, title, detail, errors, type=kind, retry_after=retry_after)
+
+
+class DownloadError(ApiError):
+    """A downloaded artifact whose size or sha256 differs from the artifact listing."""
+
+
+# --- credentials --------------------------------------------------------------------------------
+
+
+def config_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where ``serve`` writes the credentials file: ``$ANYTIME_PRUNE_HOME``, else
+    ``$XDG_CONFIG_HOME/anytime-prune``, else ``~/.config/anytime-prune``."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_HOME):
+        return Path(env[ENV_HOME]).expanduser()
+    if env.get("XDG_CONFIG_HOME"):
+        return Path(env["XDG_CONFIG_HOME"]).expanduser() / "anytime-prune"
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / ".config" / "anytime-prune"
+
+
+def credentials_path(environ: Mapping[str, str] | None = None) -> Path:
+    return config_dir(environ) / CREDENTIALS_FILE
+
+
+def read_credentials(path: Path | None = None) -> dict[str, Any] | None:
+    """The credentials ``serve`` wrote (``url``, ``api_key``, ``key_id``, ``redis_url``...), or
+    None when there is no such file."""
+    path = credentials_path() if path is None else path
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    return data if isinstance(data, dict) else None
+
+
+def write_credentials(data: Mapping[str, Any], path: Path | None = None) -> Path:
+    """Write ``data`` readable by its owner only (0600, folder 0700), atomically: a reader never
+    sees half a file, and the secret is never world-readable, not even for a moment."""
+    path = credentials_path() if path is None else path
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=".credentials-", dir=path.parent)  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(dict(data), fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --- server-sent events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One event of a job's stream: ``id`` is the SSE id (the Redis stream entry id, what
+    ``Last-Event-ID`` resumes after), ``type`` the event type, ``data`` the event dict."""
+
+    id: str | None
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal_status(self) -> str | None:
+        """The final status when this event ends the job, else None."""
+        if self.type == "status_changed" and self.data.get("status") in TERMINAL_STATUSES:
+            return str(self.data["status"])
+        return None
+
+
+@dataclass
+class _SseMessage:
+    id: str | None = None
+    event: str = "message"
+    data: list[str] = field(default_factory=list)
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str, str]]:
+    """(id, event, data) per message of an SSE text stream (the WHATWG "event stream
+    interpretation": fields until a blank line; ``:`` lines are comments; several ``data:``
+    lines join with newlines; a message without data is not dispatched)."""
+    msg = _SseMessage()
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line:
+            if msg.data:
+                yield msg.id, msg.event, "\n".join(msg.data)
+            msg = _SseMessage()
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            msg.data.append(value)
+        elif name == "event":
+            msg.event = value or "message"
+        elif name == "id" and "\0" not in value:
+            msg.id = value
+        # "retry:" and unknown fields are ignored: reconnect pacing is the client's own.
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+
+class Client:
+    """The anytime-prune API over HTTP. Thread-safe for separate calls (httpx pools connections);
+    use it as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        headers = {"Accept": "application/json", "User-Agent": "anytime-prune-client"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+
+    @classmethod
+    def from_env(
+        cls, *, environ: Mapping[str, str] | None = None, timeout: float = 30.0
+    ) -> Client:
+        """``ANYTIME_PRUNE_URL`` / ``ANYTIME_PRUNE_API_KEY`` when set, each falling back to the
+        credentials file ``anytime-prune serve`` wrote (see :func:`credentials_path`), and the
+        URL finally to http://127.0.0.1:8000."""
+        env = os.environ if environ is None else environ
+        url, key = env.get(ENV_URL), env.get(ENV_API_KEY)
+        if not (url and key):
+            saved = read_credentials(credentials_path(env)) or {}
+            url = url or saved.get("url")
+            key = key or saved.get("api_key")
+        return cls(url or DEFAULT_URL, key, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.base_url!r}, api_key={'***' if self.api_key else None})"
+
+    # --- plumbing -------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(0, "service unreachable", f"{method} {self.base_url}{path}: {exc}") from exc
+        if response.status_code >= 400:
+            raise ApiError.from_response(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    @staticmethod
+    def _job_path(job_id: str, suffix: str = "") -> str:
+        # Job ids are hex; quoting keeps a malformed one from changing the route.
+        return f"{API_PREFIX}/jobs/{quote(job_id, safe='')}{suffix}"
+
+    # --- jobs -----------------------------------------------------------------------------
+    def submit(self, spec: Mapping[str, Any] | Any, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit a job (a spec dict or an ``app_common.spec.JobSpec``); returns the job as the
+        API answers it (``id``, ``status``, ``urls``...). With ``idempotency_key`` a retried
+        submission returns the first job instead of creating another."""
+        body = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        job: dict[str, Any] = self._json("POST", f"{API_PREFIX}/jobs", json=body, headers=headers)
+        return job
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = self._json("GET", self._job_path(job_id))
+        return job
+
+    def list_page(
+        self, *, status: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of the caller's jobs, newest first, and the cursor of the next page."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if cursor:
+            params["cursor"] = cursor
+        page = self._json("GET", f"{API_PREFIX}/jobs", params=params)
+        return list(page["items"]), page.get("next_cursor")
+
+    def iter_jobs(self, *, status: str | None = None, page_size: int = 50) -> Iterator[dict[str, Any]]:
+        """Every job of the caller, newest first, following the pagination cursors."""
+        cursor: str | None = None
+        while True:
+            items, cursor = self.list_page(status=status, limit=page_size, cursor=cursor)
+            yield from items
+            if not cursor:
+                return
+
+    def list(self, status: str | None = None, limit: int = 20) -> builtins.list[dict[str, Any]]:
+        """Up to ``limit`` of the caller's newest jobs (optionally only those with ``status``)."""
+        out: builtins.list[dict[str, Any]] = []
+        for job in self.iter_jobs(status=status, page_size=min(max(limit, 1), 100)):
+            out.append(job)
+            if len(out) >= limit:
+                break
+        return out
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask the job to stop (a queued job is cancelled at once, a running one at its next
+        epoch); returns the job afterwards."""
+        job: dict[str, Any] = self._json("POST", self._job_path(job_id, "/cancel"))
+        return job
+
+    def delete(self, job_id: str) -> None:
+        """Remove a finished job and its artifacts."""
+        self._request("DELETE", self._job_path(job_id))
+
+    def metrics(self, job_id: str) -> dict[str, Any]:
+        """``{"megabatches": [...], "epochs": [...]}``: the per-megabatch and per-epoch history."""
+        history: dict[str, Any] = self._json("GET", self._job_path(job_id, "/metrics"))
+        return history
+
+    def artifacts(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        """The job's files: name, format, bytes, sha256 and a signed ``download_url``."""
+        listing = self._json("GET", self._job_path(job_id, "/artifacts"))
+        items = listing["items"] if isinstance(listing, dict) else listing
+        return list(items)
+
+    def catalog(self) -> dict[str, Any]:
+        catalog: dict[str, Any] = self._json("GET", f"{API_PREFIX}/catalog")
+        return catalog
+
+    # --- events ---------------------------------------------------------------------------
+    def events(
+        self,
+        job_id: str,
+        last_event_id: str | None = None,
+        *,
+        max_retries: int = 8,
+        stop_at_terminal: bool = True,
+    ) -> Iterator[JobEvent]:
+        """The job's events, live, oldest first (after ``last_event_id`` when given).
+
+        A dropped connection is resumed with ``Last-Event-ID`` so no event is lost or repeated;
+        ``max_retries`` consecutive failed reconnects raise :class:`ApiError`. The iterator ends
+        after the event that makes the job terminal (or when the server ends a stream of a job
+        that is over).
+        """
+        last = last_event_id
+        failures = 0
+        # The server sends a comment at least every heartbeat (10 s by default); a read silent for
+        # much longer than that means the connection is dead, so reconnect.
+        timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 60.0))
+        while True:
+            headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+            if last:
+                headers["Last-Event-ID"] = last
+            ended_cleanly = False
+            try:
+                with self._http.stream(
+                    "GET", self._job_path(job_id, "/events"), headers=headers, timeout=timeout
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        error = ApiError.from_response(response)
+                        if response.status_code < 500:
+                            raise error
+                        raise _Retryable(str(error), error.retry_after)
+                    for sse_id, kind, data in parse_sse(response.iter_lines()):
+                        if kind == "error":
+                            # The server lost its store mid-stream; reconnecting resumes it.
+                            raise _Retryable(f"server: {data}", None)
+                        event = JobEvent(sse_id, kind, _decode_data(data))
+                        if sse_id:
+                            last = sse_id
+                        failures = 0
+                        yield event
+                        if stop_at_terminal and event.terminal_status:
+                            return
+                    ended_cleanly = True
+            except (httpx.TransportError, _Retryable) as exc:
+                failures += 1
+                if failures > max_retries:
+                    raise ApiError(0, "event stream lost", f"job {job_id}: {exc}") from exc
+                delay = min(10.0, 0.5 * 2 ** (failures - 1))
+                if isinstance(exc, _Retryable) and exc.retry_after:
+                    delay = max(delay, exc.retry_after)
+                log.info("event stream of %s interrupted (%s); resuming after %s in %.1fs", job_id, exc, last, delay)
+                time.sleep(delay)
+                continue
+            if ended_cleanly:
+                # The server ends the stream once the job is over; a stream cut short by a proxy
+                # also ends cleanly, so ask before resuming.
+                if self.status(job_id)["status"] in TERMINAL_STATUSES:
+                    return
+                failures += 1
+                if failures > max_retries:
+                    raise ApiError(0, "event stream lost", f"job {job_id}: the stream keeps ending early")
+                time.sleep(min(10.0, 0.5 * 2 ** (failures - 1)))
+
+    def watch(
+        self, job_id: str, callback: Callable[[JobEvent], None] | None = None, *, max_retries: int = 8
+    ) -> dict[str, Any]:
+        """Follow the job's events until it is terminal (calling ``callback`` with each event)
+        and return the final job."""
+        for event in self.events(job_id, max_retries=max_retries):
+            if callback is not None:
+                callback(event)
+        job = self.status(job_id)
+        # The stream ends with the terminal event, which is written in the same atomic step as
+        # the status, so the record is terminal by now; poll briefly to be safe against proxies.
+        deadline = time.monotonic() + 5.0
+        while job["status"] not in TERMINAL_STATUSES and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = self.status(job_id)
+        return job
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 1.0) -> dict[str, Any]:
+        """Poll until the job is terminal (an alternative to :meth:`watch` where SSE is blocked)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.status(job_id)
+            if job["status"] in TERMINAL_STATUSES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
+            time.sleep(poll_s)
+
+    # --- artifacts ------------------------------------------------------------------------
+    def download(
+        self, job_id: str, dest_dir: str | os.PathLike[str], names: builtins.list[str] | None = None
+    ) -> builtins.list[Path]:
+        """Download the job's artifacts (all, or ``names``) into ``dest_dir``; returns their paths.
+
+        Each file is streamed to a temporary file, its size and sha256 compared with the listing,
+        and only then renamed into place; a mismatch raises :class:`DownloadError` and leaves no
+        file behind.
+        """
+        listing = {a["name"]: a for a in self.artifacts(job_id)}
+        wanted = list(listing) if names is None else list(names)
+        missing = [n for n in wanted if n not in listing]
+        if missing:
+            raise ApiError(404, "Not Found", f"job {job_id} has no artifact {', '.join(missing)}; "
+                           f"it has {', '.join(sorted(listing)) or 'none'}")
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        return [self._download_one(listing[name], dest) for name in wanted]
+
+    def _download_one(self, artifact: Mapping[str, Any], dest: Path) -> Path:
+        name = str(artifact["name"])
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise DownloadError(0, "bad artifact name", f"refusing to write {name!r} outside {dest}")
+        url = httpx.URL(self.base_url).join(str(artifact["download_url"]))
+        # The link is signed and needs no key; the key must not leak to another host (an object
+        # store or CDN behind a public_base_url), so such links go through a client without it.
+        same_host = urlsplit(str(url)).netloc == urlsplit(self.base_url).netloc
+        http = self._http if same_host else httpx.Client(timeout=self.timeout)
+        target = dest / name
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
+        tmp = Path(tmp_name)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                try:
+                    with http.stream("GET", url) as response:
+                        if response.status_code >= 400:
+                            response.read()
+                            raise ApiError.from_response(response)
+                        for chunk in response.iter_bytes(1 << 20):
+                            digest.update(chunk)
+                            size += len(chunk)
+                            fh.write(chunk)
+                except httpx.TransportError as exc:
+                    raise ApiError(0, "service unreachable", f"downloading {name}: {exc}") from exc
+            expected_size, expected_sha = int(artifact["bytes"]), str(artifact["sha256"]).lower()
+            if size != expected_size or digest.hexdigest() != expected_sha:
+                raise DownloadError(
+                    0,
+                    "checksum mismatch",
+                    f"{name}: got {size} bytes with sha256 {digest.hexdigest()}, "
+                    f"the listing says {expected_size} bytes with sha256 {expected_sha}",
+                )
+            # mkstemp made it private (0600); a downloaded model is an ordinary file.
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            if http is not self._http:
+                http.close()
+        log.info("downloaded %s (%d bytes)", target, size)
+        return target
+
+
+class _Retryable(Exception):
+    """An interruption of the event stream worth reconnecting after."""
+
+    def __init__(self, message: str, retry_after: float | None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _decode_data(data: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError:
+        return {"raw": data}
+    return value if isinstance(value, dict) else {"value": value}

@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1
+# A worker: Celery + the APP engine on a CUDA PyTorch base. One worker runs one job at a time:
+# run one container per GPU (docker compose gives each a GPU reservation).
+#   docker build -f docker/worker.Dockerfile -t anytime-prune-worker .
+# The base's torch (CUDA 12.4 build) satisfies the project's torch range and is kept as it is.
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY app_common ./app_common
+COPY app_engine ./app_engine
+COPY worker ./worker
+COPY anytime_prune ./anytime_prune
+# Pin torch to the version already installed, so resolving the project's dependencies can never
+# replace the CUDA build with a CPU wheel from PyPI.
+RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/keep-torch.txt \
+    && pip install --constraint /tmp/keep-torch.txt ".[worker]" \
+    && python -c "import torch, worker.celery_app, app_engine.runner; print('torch', torch.__version__)" \
+    && useradd --create-home --uid 10001 app \
+    && mkdir -p /data/artifacts /data/datasets \
+    && chown -R app:app /data
+
+# The same uid as the API image: both write and read the shared artifacts volume.
+USER app
+ENV APP_ARTIFACTS_DIR=/data/artifacts \
+    APP_DATA_DIR=/data/datasets
+CMD ["anytime-prune", "worker", "--queue", "gpu"]

