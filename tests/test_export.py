@@ -193,9 +193,17 @@ def test_sparse_round_trip_is_bit_identical(dense_model: nn.Module, tmp_path: Pa
     assert read_metadata(path) == {"note": "hello"}
     layout = json.loads(_raw_metadata(path)[SPARSE_META_KEY])
     packed = {e["name"] for e in layout["tensors"] if e["encoding"] == "bitmask"}
-    prunable = set(prunable_parameters(model))
-    # Dense tensors stay whole; at low density every prunable weight is packed.
-    assert packed == (set() if density == 1.0 else prunable)
+    # A tensor is packed exactly when bitmask + values are smaller than 0.9 of its dense bytes (fp32:
+    # density below 0.9 - 1/32). Global masks leave some small layers denser than the overall figure.
+    expected = {
+        n for n in prunable_parameters(model)
+        if float((state[n] != 0).float().mean()) <= 0.9 - 1 / 32
+    }
+    assert packed == expected
+    if density == 1.0:
+        assert packed == set()
+    if density < 1.0:
+        assert packed, "nothing was packed"
 
 
 def _raw_metadata(path: Path) -> dict[str, str]:
