@@ -32,6 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from app_common.spec import DatasetSpec
+from app_engine.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -182,19 +183,12 @@ def channel_stats(x: torch.Tensor, chunk: int = 2048) -> tuple[tuple[float, ...]
 # Registry
 
 DatasetLoader = Callable[[DatasetSpec, int], Dataset]
-DATASET_LOADERS: dict[str, DatasetLoader] = {}
+DATASET_LOADERS: Registry[DatasetLoader] = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
     """Register a loader ``fn(spec, seed) -> Dataset`` under the name used in job specs."""
-
-    def decorate(fn: DatasetLoader) -> DatasetLoader:
-        if name in DATASET_LOADERS:
-            raise ValueError(f"dataset '{name}' is already registered")
-        DATASET_LOADERS[name] = fn
-        return fn
-
-    return decorate
+    return DATASET_LOADERS.register(name)
 
 
 def list_datasets() -> list[str]:

@@ -28,6 +28,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from app_engine.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 # Smallest spatial side a convolutional model accepts: below it the deep stages of the CIFAR
@@ -46,19 +48,12 @@ class ModelBuilder(Protocol):
     ) -> nn.Module: ...
 
 
-MODEL_REGISTRY: dict[str, ModelBuilder] = {}
+MODEL_REGISTRY: Registry[ModelBuilder] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator: register a builder under ``name`` (the string a job spec uses)."""
-
-    def decorate(builder: ModelBuilder) -> ModelBuilder:
-        if name in MODEL_REGISTRY:
-            raise ValueError(f"model '{name}' is already registered")
-        MODEL_REGISTRY[name] = builder
-        return builder
-
-    return decorate
+    return MODEL_REGISTRY.register(name)
 
 
 def list_models() -> list[str]:

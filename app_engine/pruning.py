@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app_common.spec import SCOPES
+from app_engine.registry import Registry
 from app_engine.schedule import density_schedule
 
 __all__ = [
@@ -65,23 +66,16 @@ class ScoreFn(Protocol):
     ) -> dict[str, Tensor]: ...
 
 
-PRUNERS: dict[str, ScoreFn] = {}
+PRUNERS: Registry[ScoreFn] = Registry("pruner")
 # Pruners that :func:`prune` applies in many small rounds rather than in one shot.
 ITERATIVE_PRUNERS: set[str] = set()
 
 
 def register_pruner(name: str, *, iterative: bool = False) -> Callable[[ScoreFn], ScoreFn]:
     """Register a score function under ``name`` (the string a job spec uses)."""
-
-    def decorate(fn: ScoreFn) -> ScoreFn:
-        if name in PRUNERS:
-            raise ValueError(f"pruner {name!r} is already registered")
-        PRUNERS[name] = fn
-        if iterative:
-            ITERATIVE_PRUNERS.add(name)
-        return fn
-
-    return decorate
+    if iterative:
+        ITERATIVE_PRUNERS.add(name)
+    return PRUNERS.register(name)
 
 
 # --------------------------------------------------------------------------------------------------
