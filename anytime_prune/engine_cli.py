@@ -259,15 +259,19 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
+def _mean_pm(stats: dict[str, float], fmt: str) -> str:
+    return f"{format(stats['mean'], fmt)} ± {format(stats['std'], fmt)}"
+
+
 def compare_table(summary: list[dict[str, Any]]) -> str:
     head = "| N | method | seeds | final test accuracy | CER (errors) | gen. gap (pp) | final density |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for s in summary:
-        def f(key: str, fmt: str) -> str:
-            return f"{format(s[key]['mean'], fmt)} ± {format(s[key]['std'], fmt)}"
-
-        lines.append(f"| {s['megabatches']} | {s['method']} | {len(s['seeds'])} | {f('final_test_accuracy', '.4f')} | "
-                     f"{f('cer', '.1f')} | {f('generalization_gap', '.2f')} | {f('final_density', '.4f')} |")
+        lines.append(
+            f"| {s['megabatches']} | {s['method']} | {len(s['seeds'])} | {_mean_pm(s['final_test_accuracy'], '.4f')} | "
+            f"{_mean_pm(s['cer'], '.1f')} | {_mean_pm(s['generalization_gap'], '.2f')} | "
+            f"{_mean_pm(s['final_density'], '.4f')} |"
+        )
     return "\n".join(lines)
 
 

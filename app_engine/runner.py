@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,7 @@ def run(
         gen = torch.Generator().manual_seed(_seed_for(tr.seed, t, 2))
         try:
             trained = train_megabatch(
-                model, lambda: masks.apply_(model), x_train, y_train, train_idx, val_idx, tr, augment_mode, rt,
+                model, partial(masks.apply_, model), x_train, y_train, train_idx, val_idx, tr, augment_mode, rt,
                 gen, t, emit, emit.should_stop,
             )
         except StopRequested:
