@@ -340,24 +340,30 @@ def test_reaper_requeues_running_jobs_with_expired_leases(store: JobStore, setti
     orphan = store.create_job("key_a", SPEC, queue="gpu")
     alive = store.create_job("key_a", SPEC, queue="gpu")
     queued = store.create_job("key_a", SPEC, queue="gpu")
-    ids = {orphan["id"], alive["id"], queued["id"]}
+    # Delivered once (attempt counted) but its worker died before marking it running.
+    stuck = store.create_job("key_a", SPEC, queue="gpu")
+    store.next_attempt(stuck["id"])
+    ids = {orphan["id"], alive["id"], queued["id"], stuck["id"]}
     for job in (orphan, alive):
         store.next_attempt(job["id"])
         assert store.transition(job["id"], "running", allowed_from={"queued"})
     assert store.acquire_lease(alive["id"], "live-worker", 60)
     gpu_queue = f"{settings.celery_key_prefix}gpu"
     try:
-        assert reap_orphans(store, app, settings) == [orphan["id"]]
+        assert sorted(reap_orphans(store, app, settings)) == sorted([orphan["id"], stuck["id"]])
         sent = queued_tasks(store.redis, gpu_queue, ids)
-        assert len(sent) == 1
-        envelope = sent[0][1]
-        assert envelope["headers"]["task"] == RUN_JOB_TASK
-        args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
-        assert args == [orphan["id"]] and kwargs == {}
-        assert envelope["properties"]["delivery_info"]["routing_key"] == "gpu"
+        assert len(sent) == 2
+        resent = set()
+        for _, envelope in sent:
+            assert envelope["headers"]["task"] == RUN_JOB_TASK
+            args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+            assert kwargs == {}
+            resent.add(args[0])
+            assert envelope["properties"]["delivery_info"]["routing_key"] == "gpu"
+        assert resent == {orphan["id"], stuck["id"]}
         # Re-enqueued once per window, not at every pass of the reaper.
         assert reap_orphans(store, app, settings) == []
-        assert len(queued_tasks(store.redis, gpu_queue, ids)) == 1
+        assert len(queued_tasks(store.redis, gpu_queue, ids)) == 2
         assert store.get_job(queued["id"])["status"] == "queued"  # type: ignore[index]
         assert store.get_job(orphan["id"])["status"] == "running"  # type: ignore[index]
     finally:

@@ -19,12 +19,13 @@ import threading
 from celery import Celery
 from redis.exceptions import RedisError
 
-from app_common.events import CANCELLING, RUNNING
+from app_common.events import CANCELLING, QUEUED, RUNNING
 from app_common.settings import Settings
 from app_common.store import JobStore
 from worker.job import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
+
 
 def reap_window_s(settings: Settings) -> float:
     """How long a re-enqueued job is left alone before it may be re-enqueued again.
@@ -36,20 +37,32 @@ def reap_window_s(settings: Settings) -> float:
     return max(10.0 * float(settings.job_lease_ttl_s), 1.0)
 
 
+def _orphan_candidates(store: JobStore) -> list[str]:
+    """Jobs a worker has started and must still be holding a lease on.
+
+    Running and cancelling jobs, plus queued jobs whose attempt counter shows a delivery: a worker
+    that died after counting its attempt but before marking the job running leaves it queued,
+    with its message unacked until the visibility timeout.
+    """
+    return sorted({*store.running_jobs(), *store.job_ids_with_status(QUEUED)})
+
+
 def reap_orphans(store: JobStore, celery_app: Celery, settings: Settings) -> list[str]:
-    """Send ``anytime_prune.run_job`` again for every running job with an expired lease.
+    """Send ``anytime_prune.run_job`` again for every started job with an expired lease.
 
     Returns the ids of the jobs re-enqueued by this call.
     """
     reaped: list[str] = []
     window_ms = int(reap_window_s(settings) * 1000)
-    for job_id in store.running_jobs():
+    for job_id in _orphan_candidates(store):
         # Lease first, record second: a job that finishes in between is then seen terminal.
         if store.lease_alive(job_id):
             continue
         record = store.get_job(job_id)
-        if record is None or record["status"] not in (RUNNING, CANCELLING):
+        if record is None or record["status"] not in (QUEUED, RUNNING, CANCELLING):
             continue
+        if record["status"] == QUEUED and not record.get("attempt"):
+            continue  # never delivered yet: its message is still waiting in the queue
         claim = f"{settings.redis_prefix}:job:{job_id}:reaped"
         if not store.redis.set(claim, "1", nx=True, px=window_ms):
             continue  # another reaper (or this one, earlier) already re-enqueued it
