@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -140,9 +141,14 @@ def build_spec(data: dict[str, Any]) -> JobSpec:
 
 
 class ConsoleProgress:
-    """Progress bar on a terminal, plain log lines otherwise (a run callback)."""
+    """Progress bar on a terminal, plain log lines otherwise (a run callback).
 
-    def __init__(self, label: str = "", stream: Any = None):
+    ``megabatch_lines`` prints a line per finished megabatch; a local run leaves that to the
+    engine's own log, a remote job (``watch``) has no other source of it.
+    """
+
+    def __init__(self, label: str = "", stream: Any = None, *, megabatch_lines: bool = True):
+        self.megabatch_lines = megabatch_lines
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.label = label
@@ -169,7 +175,7 @@ class ConsoleProgress:
             else:
                 log.debug("megabatch %d epoch %d/%d: loss %.4f val %.4f", event.megabatch, event.epoch,
                           event.epochs, event.train_loss, event.val_accuracy)
-        elif kind == "megabatch_ended":
+        elif kind == "megabatch_ended" and self.megabatch_lines:
             m = event.metrics
             line = (f"{self.label}megabatch {m['index']}/{event.megabatches}: test acc {m['test_accuracy']:.4f}, "
                     f"density {m['density']:.4f}, gap {m['generalization_gap']:+.2f} pp")
@@ -198,12 +204,22 @@ def megabatch_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _logs_above_the_bar() -> contextlib.AbstractContextManager[Any]:
+    """On a terminal, print log records through tqdm so they do not tear the progress bar."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     spec = build_spec(spec_dict_from_args(args))
     from app_engine.runner import run
 
     out = Path(args.out)
-    outcome = run(spec, out, callbacks=[ConsoleProgress()])
+    with _logs_above_the_bar():
+        outcome = run(spec, out, callbacks=[ConsoleProgress(megabatch_lines=False)])
     print(megabatch_table(outcome.result))
     print(f"wrote {out / 'result.json'}")
     return 0
@@ -226,7 +242,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for seed in args.seeds:
                 spec = build_spec(spec_dict_from_args(args, {"method": method, "megabatches": n, "seed": seed}))
                 label = f"[N={n} {method} seed {seed}] "
-                outcome = run(spec, out / f"N{n}" / method / f"seed-{seed}", callbacks=[ConsoleProgress(label)])
+                with _logs_above_the_bar():
+                    outcome = run(spec, out / f"N{n}" / method / f"seed-{seed}",
+                                  callbacks=[ConsoleProgress(label, megabatch_lines=False)])
                 r = outcome.result
                 runs.setdefault(method, []).append(r["megabatches"])
                 rows.append({"megabatches": n, "method": method, "seed": seed,

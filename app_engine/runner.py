@@ -249,8 +249,9 @@ def run(
         emit(CheckpointWritten(megabatch=t, path=str(path)))
         emit(MegabatchEnded(megabatch=t, megabatches=st.megabatches, metrics=record))
         log.info(
-            "megabatch %d/%d: test accuracy %.4f, density %.4f (%.1fs)",
-            t, st.megabatches, record["test_accuracy"], record["density"], record["wall_time_s"],
+            "megabatch %d/%d: test accuracy %.4f, density %.4f, generalisation gap %+.2f pp (%.1fs)",
+            t, st.megabatches, record["test_accuracy"], record["density"], record["generalization_gap"],
+            record["wall_time_s"],
         )
 
     stopped = len(records) < st.megabatches
