@@ -9,6 +9,7 @@ import logging
 import statistics
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from app_common.spec import JobSpec, SpecError
@@ -204,6 +205,17 @@ def megabatch_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad data or settings (a missing dataset file, a folder of another run, a megabatch size
+    the data cannot fill) end the command with their message, not a traceback."""
+    try:
+        yield
+    except ValueError as exc:  # DatasetError, CheckpointError and the engine's config errors
+        log.debug("run failed", exc_info=True)
+        raise SystemExit(f"error: {exc}") from None
+
+
 def _logs_above_the_bar() -> contextlib.AbstractContextManager[Any]:
     """On a terminal, print log records through tqdm so they do not tear the progress bar."""
     if not sys.stderr.isatty():
@@ -218,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from app_engine.runner import run
 
     out = Path(args.out)
-    with _logs_above_the_bar():
+    with _user_errors(), _logs_above_the_bar():
         outcome = run(spec, out, callbacks=[ConsoleProgress(megabatch_lines=False)])
     print(megabatch_table(outcome.result))
     print(f"wrote {out / 'result.json'}")
@@ -242,7 +254,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for seed in args.seeds:
                 spec = build_spec(spec_dict_from_args(args, {"method": method, "megabatches": n, "seed": seed}))
                 label = f"[N={n} {method} seed {seed}] "
-                with _logs_above_the_bar():
+                with _user_errors(), _logs_above_the_bar():
                     outcome = run(spec, out / f"N{n}" / method / f"seed-{seed}",
                                   callbacks=[ConsoleProgress(label, megabatch_lines=False)])
                 r = outcome.result

@@ -76,3 +76,17 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     with Image.open(out / "compare-N2.png") as img:
         assert img.size[0] > 200
     assert "compare.json" in capsys.readouterr().out
+
+
+def test_missing_dataset_file_is_an_error_message_not_a_traceback(tmp_path):
+    missing = tmp_path / "nowhere.npz"
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--dataset", "npz", "--data-path", str(missing), "--out", str(tmp_path / "o")])
+    assert str(exc.value).startswith("error: ") and str(missing) in str(exc.value)
+
+
+def test_megabatch_size_the_data_cannot_fill_names_the_field(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--dataset", "digits", "--megabatches", "2", "--megabatch-size", "5000",
+              "--out", str(tmp_path / "o")])
+    assert "stream.megabatch_size" in str(exc.value)
