@@ -148,7 +148,10 @@ async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
         detail = f"no route {request.url.path}"
     elif exc.status_code == 405:
         detail = f"method {request.method} not allowed on {request.url.path}"
-    return problem_response(exc.status_code, detail, headers=headers)
+    # A chunked body over the limit is refused here (BodySizeLimitMiddleware raises while FastAPI
+    # reads it): same problem type as the Content-Length refusal, so clients see one kind of 413.
+    slug = "body-too-large" if exc.status_code == 413 else None
+    return problem_response(exc.status_code, detail, slug=slug, headers=headers)
 
 
 async def _on_redis_down(request: Request, exc: Exception) -> ProblemResponse:

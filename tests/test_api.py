@@ -603,14 +603,15 @@ async def test_http_errors_are_problems(api: Api) -> None:
     assert_problem(r, 405)
     assert "POST" in r.headers["allow"]
     big = {"dataset": {"name": "npz", "path": "x" * 5000}}
-    assert_problem(await api.client.post("/api/v1/jobs", json=big, headers=api.a), 413)
+    too_large = assert_problem(await api.client.post("/api/v1/jobs", json=big, headers=api.a), 413)
+    assert too_large["type"] == "urn:anytime-prune:problem:body-too-large"
 
     async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while streaming
         for _ in range(10):
             yield b" " * 1000
 
     r = await api.client.post("/api/v1/jobs", content=chunks(), headers={**api.a, "Content-Type": "application/json"})
-    assert_problem(r, 413)
+    assert assert_problem(r, 413)["type"] == too_large["type"]  # the same problem either way
     assert api.queue_length() == 0
 
 
