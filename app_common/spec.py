@@ -96,6 +96,9 @@ class DatasetSpec(_Strict):
 
 
 class SparsitySpec(_Strict):
+    # The schema says what the validator below enforces: target and tau never come together.
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["target", "tau"]}})
+
     target: float | None = Field(
         None,
         ge=0.0,

@@ -1,0 +1,71 @@
+"""The job spec: defaults, target/tau conversion, field-naming errors, schema, fingerprint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from app_common.events import EpochEnded, MegabatchEnded, event_from_dict, event_to_dict
+from app_common.spec import JobSpec, SpecError, SparsitySpec, TrainingSpec, sparsity_from_tau, tau_from_sparsity
+
+
+def test_target_sparsity_and_tau_describe_the_same_density():
+    assert tau_from_sparsity(0.634) == pytest.approx(4.5044, abs=1e-4)
+    assert sparsity_from_tau(4.5) == pytest.approx(1 - 0.8**4.5)
+    by_target = SparsitySpec(target=0.634)
+    by_tau = SparsitySpec(tau=by_target.resolved_tau)
+    assert by_target.target_density == pytest.approx(0.366)
+    assert by_tau.target_density == pytest.approx(0.366)
+    # Neither given: the paper's tau = 4.5.
+    assert SparsitySpec().resolved_tau == 4.5
+    assert SparsitySpec(target=0.0).resolved_tau == 0.0
+
+
+def test_default_milestones_are_40_and_80_percent_of_the_epochs():
+    assert TrainingSpec(epochs=50).resolved_milestones == [20, 40]
+    assert TrainingSpec(epochs=3).resolved_milestones == [1, 2]
+    assert TrainingSpec(epochs=10, milestones=[3]).resolved_milestones == [3]
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"sparsity": {"target": 0.5, "tau": 2.0}}, "sparsity"),
+        ({"sparsity": {"target": 1.0}}, "sparsity.target"),
+        ({"dataset": {"name": "cifar10"}}, "dataset"),
+        ({"training": {"milestones": [5, 3]}}, "training"),
+        ({"training": {"epochs": 2, "warmup_epochs": 2}}, "training"),
+        ({"stream": {"val_fraction": 1.0}}, "stream.val_fraction"),
+        ({"architecture": "resnet9000"}, "architecture"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_errors_name_the_field(body, field):
+    with pytest.raises(SpecError) as exc:
+        JobSpec.from_dict(body)
+    assert [e.field for e in exc.value.errors] == [field]
+    assert exc.value.errors[0].reason
+
+
+def test_the_schema_states_target_xor_tau():
+    schema = JobSpec.model_json_schema()
+    assert schema["$defs"]["SparsitySpec"]["not"] == {"required": ["target", "tau"]}
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a = JobSpec.from_dict({"training": {"seed": 1}})
+    assert a.fingerprint() == JobSpec.from_dict({"training": {"seed": 1}}).fingerprint()
+    assert a.fingerprint() != JobSpec.from_dict({"training": {"seed": 2}}).fingerprint()
+    assert JobSpec.from_dict(a.to_dict()) == a
+
+
+def test_events_round_trip_through_dicts():
+    epoch = EpochEnded(megabatch=1, epoch=2, epochs=3, lr=0.1, train_loss=0.5, train_accuracy=0.9, val_accuracy=0.8)
+    assert event_from_dict(event_to_dict(epoch)) == epoch
+    assert event_to_dict(epoch)["type"] == "epoch_ended"
+    ended = MegabatchEnded(megabatch=1, megabatches=4, metrics={"index": 1, "density": 0.8})
+    assert event_from_dict({**event_to_dict(ended), "extra": "ignored"}) == ended
+    with pytest.raises(ValueError, match="unknown event type"):
+        event_from_dict({"type": "nonsense"})
+    assert math.isclose(epoch.lr, 0.1)
