@@ -368,6 +368,14 @@ class JobStore:
         raw = self.redis.hgetall(self.job_key(job_id))
         return self._decode_record(raw)
 
+    def cancel_requested(self, job_id: str) -> bool | None:
+        """The job's cancel flag, read with one HGET (workers poll it every epoch); None when the
+        job does not exist."""
+        if not is_job_id(job_id):
+            return None
+        raw = self.redis.hget(self.job_key(job_id), "cancel_requested")
+        return None if raw is None else bool(json.loads(raw))
+
     @staticmethod
     def _decode_record(raw: dict[str, str]) -> dict[str, Any] | None:
         if not raw or "status" not in raw:

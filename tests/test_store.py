@@ -357,3 +357,13 @@ def test_unreachable_redis_fails_fast() -> None:
     with pytest.raises(redis.exceptions.ConnectionError):
         store.get_job("a" * 32)
     assert time.monotonic() - t0 < 2.0
+
+
+def test_cancel_flag_is_read_without_the_whole_record(store: JobStore) -> None:
+    job = store.create_job("key_a", {"training": {"epochs": 1}}, queue="cpu")
+    assert store.cancel_requested(job["id"]) is False
+    store.request_cancel(job["id"])
+    assert store.cancel_requested(job["id"]) is True
+    store.delete_job(job["id"])
+    assert store.cancel_requested(job["id"]) is None
+    assert store.cancel_requested("not-a-job-id") is None

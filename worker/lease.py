@@ -127,8 +127,7 @@ class LeaseHeartbeat(threading.Thread):
         return self.store.acquire_lease(self.job_id, self.token, self.ttl_s)
 
     def _cancel_overdue(self) -> bool:
-        record = self.store.get_job(self.job_id)
-        if record is None or not record.get("cancel_requested"):
+        if not self.store.cancel_requested(self.job_id):
             return False
         now = time.monotonic()
         if self._cancel_seen_at is None:

@@ -82,9 +82,10 @@ class RedisProgressSink:
         if self.cancel_seen:
             return True
         try:
-            record = self.store.get_job(self.job_id)
+            flag = self.store.cancel_requested(self.job_id)
         except RedisError as exc:
             # Unknown is not "cancelled": keep training and look again after the next epoch.
             log.warning("job %s: could not read the cancel flag (%s)", self.job_id, exc)
             return False
-        return bool(record is None or record.get("cancel_requested"))
+        # A job deleted under the run counts as cancelled.
+        return flag is None or flag
