@@ -54,10 +54,54 @@ class EpochEnded:
 
 
 @dataclass(frozen=True)
+class MegabatchMetrics:
+    """What was measured after one megabatch: one entry of result.json's ``megabatches`` list,
+    the ``metrics`` of a :class:`MegabatchEnded` event and a point of the API's metric history.
+
+    Densities are fractions of the prunable weights kept; generalisation gaps are in percentage
+    points (train accuracy minus validation accuracy, APP_SPEC section 3).
+    """
+
+    index: int  # 1-based megabatch number
+    train_samples: int
+    val_samples: int
+    target_density: float  # the schedule's density for this megabatch (1.0 for dense)
+    density: float  # measured over the prunable weights
+    layer_density: dict[str, float]  # prunable parameter name -> density
+    nonzero_params: int  # over all parameters, pruned or not
+    prunable_params: int
+    test_accuracy: float
+    test_errors: int
+    test_total: int
+    val_accuracy: float
+    train_accuracy: float  # running accuracy over the selected epoch's augmented batches
+    generalization_gap: float  # of the selected (best-validation) epoch, the reference's definition
+    generalization_gap_last: float  # of the last epoch, as the reference logged it
+    selected_epoch: int  # 1-based; its weights were restored
+    train_loss: float
+    wall_time_s: float
+    train_time_s: float
+    images_per_s: float
+    epochs: int
+    # Eval mode, no augmentation, a fixed subset of the training data; None when not measured.
+    train_accuracy_clean: float | None = None
+    generalization_gap_clean: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MegabatchMetrics:
+        """Read one entry; keys this version does not know (a newer writer) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
 class MegabatchEnded:
     megabatch: int  # 1-based
     megabatches: int
-    metrics: dict[str, Any]  # one entry of result.json's "megabatches" list
+    metrics: MegabatchMetrics
     type: str = field(default="megabatch_ended", init=False)
 
 
@@ -105,4 +149,7 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     if cls is None:
         raise ValueError(f"unknown event type {kind!r}")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    return cls(**{k: v for k, v in data.items() if k in names})
+    values = {k: v for k, v in data.items() if k in names}
+    if cls is MegabatchEnded and isinstance(values.get("metrics"), dict):
+        values["metrics"] = MegabatchMetrics.from_dict(values["metrics"])
+    return cls(**values)

@@ -13,33 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "npz", "synthetic")
-ARCHITECTURES = (
-    "mlp",
-    "cnn_small",
-    "resnet20",
-    "resnet32",
-    "resnet56",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "vgg16_bn",
-)
-METHODS = ("app", "osp", "dense")
-PRUNERS = ("snip", "magnitude", "random", "grasp", "synflow")
-SCOPES = ("global", "local")
-REPLAYS = ("full", "none", "previous", "buffer")
-PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
-EXPORT_FORMATS = ("safetensors", "sparse", "onnx")
-AUGMENTATIONS = ("auto", "none", "crop", "crop_flip")
-SCORE_SOURCES = ("current", "cumulative")
-# Datasets that read files and therefore need ``dataset.path``.
-DATASETS_WITH_PATH = ("cifar10", "cifar100", "imagefolder", "npz")
 
 DatasetName = Literal["digits", "cifar10", "cifar100", "imagefolder", "npz", "synthetic"]
 ArchitectureName = Literal[
@@ -54,6 +30,21 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 ExportFormat = Literal["safetensors", "sparse", "onnx"]
 AugmentName = Literal["auto", "none", "crop", "crop_flip"]
 ScoreSource = Literal["current", "cumulative"]
+
+# The same names as tuples, derived from the types above (one list each, in wire order).
+DATASETS: tuple[str, ...] = get_args(DatasetName)
+ARCHITECTURES: tuple[str, ...] = get_args(ArchitectureName)
+METHODS: tuple[str, ...] = get_args(MethodName)
+PRUNERS: tuple[str, ...] = get_args(PrunerName)
+SCOPES: tuple[str, ...] = get_args(ScopeName)
+REPLAYS: tuple[str, ...] = get_args(ReplayName)
+PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
+DEVICES: tuple[str, ...] = get_args(DeviceName)
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+AUGMENTATIONS: tuple[str, ...] = get_args(AugmentName)
+SCORE_SOURCES: tuple[str, ...] = get_args(ScoreSource)
+# Datasets that read files and therefore need ``dataset.path``.
+DATASETS_WITH_PATH = ("cifar10", "cifar100", "imagefolder", "npz")
 
 # The paper's schedule keeps 0.8 ** s of the prunable weights at sparsity level s.
 KEEP_BASE = 0.8
