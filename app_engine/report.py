@@ -5,7 +5,8 @@ figure registry, no backend switch, safe in a worker process and in threads. Eac
 ``render_*`` function returning the image bytes and a ``plot_*`` function writing them atomically;
 the format (png, svg or pdf) follows the file suffix.
 
-Megabatch entries are the dicts of ``result.json``'s ``megabatches`` list; the keys read here are
+Megabatch entries are :class:`~app_common.events.MegabatchMetrics` or the dicts of ``result.json``'s
+``megabatches`` list (the same fields, e.g. read back from a file); the fields read here are
 ``index`` (1-based), ``test_accuracy`` (fraction in [0, 1]), ``density`` (fraction of prunable
 weights kept) and ``generalization_gap`` (percentage points). A missing or ``None`` value leaves a
 gap in that curve.
@@ -26,13 +27,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from app_common.events import MegabatchMetrics
 from app_engine.export import write_atomic
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("png", "svg", "pdf")
 DPI = 120
-Megabatches = Sequence[Mapping[str, Any]]
+Megabatch = MegabatchMetrics | Mapping[str, Any]
+Megabatches = Sequence[Megabatch]
+
+
+def _field(mb: Megabatch, key: str) -> Any:
+    if isinstance(mb, MegabatchMetrics):
+        return getattr(mb, key, None)
+    return mb.get(key)
 
 
 def _format_of(path: Path) -> str:
@@ -55,12 +64,13 @@ def _series(megabatches: Megabatches, key: str, scale: float = 1.0) -> tuple[lis
     """(index, value * scale) for the entries that have a finite ``key``."""
     xs, ys = [], []
     for pos, mb in enumerate(megabatches):
-        if "index" not in mb:
+        index = _field(mb, "index")
+        if index is None:
             raise ValueError(f"megabatch entry {pos} has no 'index'")
-        value = mb.get(key)
+        value = _field(mb, key)
         if value is None or not math.isfinite(float(value)):
             continue
-        xs.append(int(mb["index"]))
+        xs.append(int(index))
         ys.append(float(value) * scale)
     return xs, ys
 

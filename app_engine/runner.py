@@ -27,7 +27,15 @@ import numpy as np
 import torch
 
 import app_engine
-from app_common.events import CheckpointWritten, Event, MegabatchEnded, Pruned, RunEnded, RunStarted
+from app_common.events import (
+    CheckpointWritten,
+    Event,
+    MegabatchEnded,
+    MegabatchMetrics,
+    Pruned,
+    RunEnded,
+    RunStarted,
+)
 from app_common.spec import JobSpec
 from app_engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from app_engine.data import Dataset, load_dataset
@@ -168,14 +176,14 @@ def run(
     prunable_total = masks.total()
     total_params = sum(p.numel() for p in model.parameters())
 
-    records: list[dict[str, Any]] = []
+    records: list[MegabatchMetrics] = []
     done = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         masks.load_state_dict(checkpoint["masks"])
         masks = masks.to(rt.device)
         masks.apply_(model)
-        records = json.loads(checkpoint["metrics"])
+        records = [MegabatchMetrics.from_dict(m) for m in json.loads(checkpoint["metrics"])]
         done = int(checkpoint["megabatch"])
         _set_rng_state(checkpoint["rng"])
         log.info("resuming %s after megabatch %d of %d", out_dir, done, st.megabatches)
@@ -207,31 +215,31 @@ def run(
             break
         test_correct, test_total = evaluate(model, x_test, y_test, rt)
         layer_density = masks.layer_density()
-        record = {
-            "index": t,
-            "train_samples": len(train_idx),
-            "val_samples": len(val_idx),
-            "target_density": keep if spec.method != "dense" else 1.0,
-            "density": masks.density(),
-            "layer_density": layer_density,
-            "nonzero_params": int(sum(int((p != 0).sum()) for p in model.parameters())),
-            "prunable_params": prunable_total,
-            "test_accuracy": test_correct / test_total,
-            "test_errors": test_total - test_correct,
-            "test_total": test_total,
-            "val_accuracy": trained.val_accuracy,
-            "train_accuracy": trained.train_accuracy,
+        record = MegabatchMetrics(
+            index=t,
+            train_samples=len(train_idx),
+            val_samples=len(val_idx),
+            target_density=keep if spec.method != "dense" else 1.0,
+            density=masks.density(),
+            layer_density=layer_density,
+            nonzero_params=int(sum(int((p != 0).sum()) for p in model.parameters())),
+            prunable_params=prunable_total,
+            test_accuracy=test_correct / test_total,
+            test_errors=test_total - test_correct,
+            test_total=test_total,
+            val_accuracy=trained.val_accuracy,
+            train_accuracy=trained.train_accuracy,
             # Percentage points (APP_SPEC section 3): of the selected epoch, and of the last epoch
             # as the reference logged it.
-            "generalization_gap": 100.0 * (trained.train_accuracy - trained.val_accuracy),
-            "generalization_gap_last": 100.0 * (trained.train_accuracy_last - trained.val_accuracy_last),
-            "selected_epoch": trained.selected_epoch,
-            "train_loss": trained.train_loss,
-            "wall_time_s": time.perf_counter() - t0,
-            "train_time_s": trained.train_seconds,
-            "images_per_s": trained.images / max(trained.train_seconds, 1e-9),
-            "epochs": trained.epochs,
-        }
+            generalization_gap=100.0 * (trained.train_accuracy - trained.val_accuracy),
+            generalization_gap_last=100.0 * (trained.train_accuracy_last - trained.val_accuracy_last),
+            selected_epoch=trained.selected_epoch,
+            train_loss=trained.train_loss,
+            wall_time_s=time.perf_counter() - t0,
+            train_time_s=trained.train_seconds,
+            images_per_s=trained.images / max(trained.train_seconds, 1e-9),
+            epochs=trained.epochs,
+        )
         records.append(record)
         path = save_checkpoint(
             out_dir,
@@ -242,7 +250,7 @@ def run(
                 "optimizer": trained.optimizer_state,
                 "masks": masks.state_dict(),
                 "rng": _rng_state(),
-                "metrics": json.dumps(records),
+                "metrics": json.dumps([r.to_dict() for r in records]),
             },
             fingerprint,
         )
@@ -250,19 +258,18 @@ def run(
         emit(MegabatchEnded(megabatch=t, megabatches=st.megabatches, metrics=record))
         log.info(
             "megabatch %d/%d: test accuracy %.4f, density %.4f, generalisation gap %+.2f pp (%.1fs)",
-            t, st.megabatches, record["test_accuracy"], record["density"], record["generalization_gap"],
-            record["wall_time_s"],
+            t, st.megabatches, record.test_accuracy, record.density, record.generalization_gap, record.wall_time_s,
         )
 
     stopped = len(records) < st.megabatches
     result = _summary(spec, records, rt, stopped, emit.stop_reason)
     result["parameters"] = {"total": total_params, "prunable": prunable_total,
-                            "nonzero": records[-1]["nonzero_params"] if records else total_params}
+                            "nonzero": records[-1].nonzero_params if records else total_params}
     artifacts: dict[str, dict[str, Any]] = {}
     if not stopped:
         artifacts = export_artifacts(
             model, masks.state_dict(), out_dir, spec=spec, model_info=model_info(spec, data),
-            metrics={"megabatches": records, **{k: v for k, v in result.items() if k != "megabatches"}},
+            metrics={"megabatches": result["megabatches"], **{k: v for k, v in result.items() if k != "megabatches"}},
             formats=spec.export.formats,
         )
         sparse = artifacts.get("model.sparse.safetensors")
@@ -275,20 +282,20 @@ def run(
     return RunResult(result=result, artifacts=artifacts, stopped=stopped, stop_reason=emit.stop_reason)
 
 
-def _summary(spec: JobSpec, records: list[dict[str, Any]], rt: Runtime, stopped: bool,
+def _summary(spec: JobSpec, records: list[MegabatchMetrics], rt: Runtime, stopped: bool,
              stop_reason: str | None) -> dict[str, Any]:
     last = records[-1] if records else None
     return {
         "config": spec.to_dict(),
         "status": "stopped" if stopped else "completed",
         "stop_reason": stop_reason,
-        "megabatches": records,
+        "megabatches": [r.to_dict() for r in records],
         # ALMA's cumulative error rate: misclassified test samples summed over the stream, and
         # the normalised form (sum of per-megabatch error rates).
-        "cer": int(sum(r["test_errors"] for r in records)),
-        "cer_normalized": float(sum(r["test_errors"] / r["test_total"] for r in records)),
-        "final_test_accuracy": last["test_accuracy"] if last else None,
-        "final_density": last["density"] if last else 1.0,
+        "cer": int(sum(r.test_errors for r in records)),
+        "cer_normalized": float(sum(r.test_errors / r.test_total for r in records)),
+        "final_test_accuracy": last.test_accuracy if last else None,
+        "final_density": last.density if last else 1.0,
         "target_density": spec.sparsity.target_density if spec.method != "dense" else 1.0,
         "device": str(rt.device),
         "precision": rt.precision,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_common.events import EpochEnded, MegabatchEnded, Pruned, RunEnded, RunStarted
+from app_common.events import EpochEnded, MegabatchEnded, MegabatchMetrics, Pruned, RunEnded, RunStarted
 from app_common.spec import JobSpec
 from app_engine.checkpoint import CheckpointError
 from app_engine.runner import StopRun, run
@@ -95,7 +95,8 @@ def test_events_in_order(tmp_path):
     per_mb = ["Pruned", "EpochEnded", "EpochEnded", "CheckpointWritten", "MegabatchEnded"]
     assert kinds[1:-1] == per_mb * 2
     ended = [e for e in events if isinstance(e, MegabatchEnded)]
-    assert [e.metrics["index"] for e in ended] == [1, 2]
+    assert [e.metrics.index for e in ended] == [1, 2]
+    assert all(isinstance(e.metrics, MegabatchMetrics) for e in ended)
     assert isinstance(events[0], RunStarted) and events[0].resumed_after == 0
     assert isinstance(events[-1], RunEnded) and not events[-1].stopped
     epochs = [e for e in events if isinstance(e, EpochEnded)]
