@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import io
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from app_engine.errors import RunInputError
 from app_engine.export import write_atomic
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ FOLDER = "checkpoints"
 KEEP = 2
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RunInputError):
     """A checkpoint that cannot be used (damaged, or written by a different run spec)."""
 
 
@@ -92,14 +94,51 @@ def load_checkpoint(out_dir: Path, spec_fingerprint: str) -> dict[str, Any] | No
             f"{out_dir}: holds a run with a different spec (fingerprint {record.get('spec_fingerprint')}, "
             f"this run {spec_fingerprint}); use another output folder"
         )
-    for entry in reversed(record.get("checkpoints", [])):
-        path = out_dir / entry["file"]
-        if path.exists() and sha256_file(path) == entry["sha256"]:
-            return _load(path)
-        log.warning("checkpoint %s is missing or fails its checksum; trying the previous one", path)
-    raise CheckpointError(f"{out_dir / RECORD}: no recorded checkpoint is intact (missing or sha256 mismatch)")
+    entries = record.get("checkpoints", [])
+    if not isinstance(entries, list):
+        raise CheckpointError(f"{out_dir / RECORD}: 'checkpoints' is not a list")
+    problems: list[str] = []
+    for entry in reversed(entries):
+        try:
+            return _load_entry(out_dir, entry)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("%s; trying the previous checkpoint", exc)
+    raise CheckpointError(
+        f"{out_dir / RECORD}: no recorded checkpoint is intact ({'; '.join(problems) or 'none recorded'})"
+    )
+
+
+def _load_entry(out_dir: Path, entry: Any) -> dict[str, Any]:
+    if not isinstance(entry, dict) or not {"file", "sha256"} <= entry.keys():
+        raise CheckpointError(f"{out_dir / RECORD}: malformed entry {entry!r}")
+    path = out_dir / str(entry["file"])
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    if sha256_file(path) != entry["sha256"]:
+        raise CheckpointError(f"{path}: sha256 does not match {RECORD} (damaged or changed after it was written)")
+    return _load(path)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The gist of a load error: torch's weights-only refusal is a paragraph of advice around one
+    line that matters (``WeightsUnpickler error: Unsupported global: ...``)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    gist = found.group(1) if found else text
+    gist = " ".join(gist.split())
+    gist = gist.split(". ")[0]
+    return f"{type(exc).__name__}: {gist[:200]}" if gist else type(exc).__name__
 
 
 def _load(path: Path) -> dict[str, Any]:
-    # weights_only: tensors and plain containers only, never arbitrary objects.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read one checkpoint file; any failure is one line naming the file (never torch's advice to
+    unpickle arbitrary objects with ``weights_only=False``)."""
+    try:
+        # weights_only: tensors and plain containers only, never arbitrary objects.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip, pickle and torch's own errors: the file is unusable either way
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({_one_line(exc)})") from None
+    if not isinstance(state, dict) or not {"megabatch", "model", "masks", "rng", "metrics"} <= state.keys():
+        raise CheckpointError(f"{path}: not a megabatch checkpoint (expected keys are missing)")
+    return state

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from app_common.spec import DatasetSpec
+from app_engine.errors import RunInputError
 from app_engine.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ MIN_STD = 1e-6
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-class DatasetError(ValueError):
+class DatasetError(RunInputError):
     """A dataset that cannot be loaded; the message names the file and what is wrong with it."""
 
 

@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from app_engine.errors import SpecInputError
 from app_engine.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -76,21 +77,21 @@ def create_model(
     on the 0..1 scale. Raises ``ValueError`` naming the architecture and the problem.
     """
     if name not in MODEL_REGISTRY:
-        raise ValueError(f"architecture '{name}' is unknown; known: {', '.join(list_models())}")
+        raise SpecInputError(f"architecture '{name}' is unknown; known: {', '.join(list_models())}")
     input_shape = tuple(int(s) for s in input_shape)
     mean = tuple(float(m) for m in mean)
     std = tuple(float(s) for s in std)
     if not input_shape or any(s < 1 for s in input_shape):
-        raise ValueError(f"architecture '{name}': input_shape must be positive sizes, got {input_shape}")
+        raise SpecInputError(f"architecture '{name}': input_shape must be positive sizes, got {input_shape}")
     if num_classes < 1:
-        raise ValueError(f"architecture '{name}': num_classes must be at least 1, got {num_classes}")
+        raise SpecInputError(f"architecture '{name}': num_classes must be at least 1, got {num_classes}")
     if len(mean) != len(std) or len(mean) not in (1, input_shape[0]):
-        raise ValueError(
+        raise SpecInputError(
             f"architecture '{name}': mean and std need 1 or {input_shape[0]} values "
             f"(one per channel), got {len(mean)} and {len(std)}"
         )
     if any(not s > 0 for s in std):
-        raise ValueError(f"architecture '{name}': std must be positive, got {std}")
+        raise SpecInputError(f"architecture '{name}': std must be positive, got {std}")
     model = MODEL_REGISTRY[name](input_shape=input_shape, num_classes=num_classes, mean=mean, std=std)
     logger.debug(
         "built %s for input %s, %d classes: %d parameters",
@@ -164,13 +165,13 @@ def init_weights(model: nn.Module) -> None:
 
 def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
-        raise ValueError(
+        raise SpecInputError(
             f"architecture '{name}' needs image input (C, H, W); got input_shape {input_shape} "
             "(feature vectors need architecture 'mlp')"
         )
     c, h, w = input_shape
     if h < MIN_SPATIAL or w < MIN_SPATIAL:
-        raise ValueError(
+        raise SpecInputError(
             f"architecture '{name}' needs images of at least {MIN_SPATIAL}x{MIN_SPATIAL}, got {h}x{w}"
         )
     return c, h, w
@@ -235,7 +236,7 @@ def mlp(
     *, input_shape: tuple[int, ...], num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> nn.Module:
     if len(input_shape) not in (1, 3):
-        raise ValueError(
+        raise SpecInputError(
             f"architecture 'mlp' needs feature vectors (D,) or images (C, H, W); got input_shape {input_shape}"
         )
     return MLP(input_shape, num_classes, mean, std)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from app_common.spec import SCORE_SOURCES, StreamSpec
+from app_engine.errors import SpecInputError
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +77,13 @@ class Stream:
         n_pool = int(self.pool.numel())
         size = spec.megabatch_size if spec.megabatch_size is not None else n_pool // n_mega
         if size * n_mega > n_pool:
-            raise ValueError(
+            raise SpecInputError(
                 f"stream.megabatch_size: {n_mega} megabatches of {size} samples need {size * n_mega}, "
                 f"but the training pool holds {n_pool}"
             )
         n_val = max(1, round(size * spec.val_fraction))
         if size - n_val < 1:
-            raise ValueError(
+            raise SpecInputError(
                 f"stream.megabatch_size: megabatches of {size} samples leave no training samples after "
                 f"{n_val} for validation (pool {n_pool}, {n_mega} megabatches, val_fraction {spec.val_fraction})"
             )
@@ -187,7 +188,7 @@ class Stream:
         """
         current = self.megabatch(t)
         if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"sparsity.score_fraction must be in (0, 1], got {fraction}")
+            raise SpecInputError(f"sparsity.score_fraction must be in (0, 1], got {fraction}")
         # The epsilon keeps 0.1 * 30 = 3.0000000000000004 from rounding up to 4.
         k = max(1, math.ceil(fraction * self.megabatch_size - 1e-9))
         if source == "current":
@@ -196,7 +197,7 @@ class Stream:
             pool = torch.cat([m.train_idx for m in self.megabatches[:t]])
             pick = torch.randperm(pool.numel(), generator=_generator(self.seed, _SALT_SCORE, t))[:k]
             return pool[pick]
-        raise ValueError(f"sparsity.score_source must be one of {SCORE_SOURCES}, got '{source}'")
+        raise SpecInputError(f"sparsity.score_source must be one of {SCORE_SOURCES}, got '{source}'")
 
 
 def _check_pool(n_train: int, pool: torch.Tensor | None) -> torch.Tensor:

@@ -554,3 +554,10 @@ def test_channel_stats_chunks_agree_with_one_pass() -> None:
     mean, std = numpy_channel_stats(x.numpy())
     got_mean, got_std = channel_stats(x, chunk=5)
     assert got_mean == pytest.approx(tuple(mean), abs=1e-12) and got_std == pytest.approx(tuple(std), abs=1e-12)
+
+
+def test_dataset_errors_are_run_input_errors(tmp_path: Path) -> None:
+    from app_engine.errors import RunInputError
+
+    with pytest.raises(RunInputError, match="no such file"):
+        load_dataset(spec("npz", tmp_path / "missing.npz"), seed=0)

@@ -180,3 +180,10 @@ def test_few_shot_counts_per_class() -> None:
     stream = Stream(83, stream_spec(megabatches=3), seed=1, pool=picked)
     used = torch.cat([torch.cat([m.train_idx, m.val_idx]) for m in stream.megabatches])
     assert stream.megabatch_size == 11 and as_set(used) <= as_set(picked)
+
+
+def test_impossible_megabatch_size_is_a_spec_refusal() -> None:
+    from app_engine.errors import SpecInputError
+
+    with pytest.raises(SpecInputError, match="megabatch_size"):
+        Stream(100, StreamSpec(megabatches=4, megabatch_size=30), seed=0)
