@@ -145,8 +145,11 @@ def run(
     """Run ``spec`` into ``out_dir`` (resuming if it holds a checkpoint of the same spec)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = resolve_dataset_path(spec, data_root)
+    # The fingerprint is of the spec as submitted: a worker on another host, with its data folder
+    # elsewhere, must recognise the same run (and resume its checkpoints).
     fingerprint = spec.fingerprint()
+    submitted = spec
+    spec = resolve_dataset_path(spec, data_root)
     checkpoint = load_checkpoint(out_dir, fingerprint)
     emit = _Emitter(callbacks)
     t_start = time.perf_counter()
@@ -268,7 +271,7 @@ def run(
     artifacts: dict[str, dict[str, Any]] = {}
     if not stopped:
         artifacts = export_artifacts(
-            model, masks.state_dict(), out_dir, spec=spec, model_info=model_info(spec, data),
+            model, masks.state_dict(), out_dir, spec=submitted, model_info=model_info(spec, data),
             metrics={"megabatches": result["megabatches"], **{k: v for k, v in result.items() if k != "megabatches"}},
             formats=spec.export.formats,
         )

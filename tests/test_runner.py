@@ -190,3 +190,35 @@ def test_cpu_runs_are_bit_reproducible(tmp_path):
 
     wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fingerprint_is_of_the_submitted_spec_so_another_data_root_resumes(tmp_path):
+    """Two workers with different data folders run the same job: the checkpoint written under one
+    data_root resumes under the other (the fingerprint ignores where the data folder lives)."""
+    import numpy as np
+
+    from app_engine.data import load_dataset
+
+    digits = load_dataset(JobSpec().dataset, seed=0)
+    for root in ("host_a", "host_b"):
+        (tmp_path / root).mkdir()
+        np.savez(tmp_path / root / "d.npz", x_train=digits.x_train.numpy(), y_train=digits.y_train.numpy(),
+                 x_test=digits.x_test.numpy(), y_test=digits.y_test.numpy())
+    spec = JobSpec.from_dict({
+        "dataset": {"name": "npz", "path": "d.npz"}, "architecture": "cnn_small", "method": "app",
+        "stream": {"megabatches": 2}, "training": {"epochs": 1},
+    })
+
+    def stop(event):
+        if isinstance(event, MegabatchEnded) and event.megabatch == 1:
+            raise StopRun("moved to another host")
+
+    out = tmp_path / "job"
+    first = run(spec, out, callbacks=[stop], data_root=tmp_path / "host_a")
+    assert first.stopped
+    events: list = []
+    final = run(spec, out, callbacks=[events.append], data_root=tmp_path / "host_b")
+    assert events[0].resumed_after == 1 and not final.stopped
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["spec_fingerprint"] == spec.fingerprint()
+    assert json.loads((out / "checkpoint.json").read_text())["spec_fingerprint"] == spec.fingerprint()
