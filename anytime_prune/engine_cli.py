@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import statistics
 import sys
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from app_common.spec import JobSpec, SpecError
 
 log = logging.getLogger("anytime_prune")
+
+# The top-level modules of pyproject's `engine` extra (a test keeps the two in step): `run` and
+# `compare` check for them before loading the engine, so that a client-only install gets one line
+# naming the extra instead of torch's import traceback.
+ENGINE_MODULES = ("torch", "numpy", "safetensors", "sklearn", "PIL", "matplotlib", "tqdm")
+ENGINE_EXTRA_HINT = "pip install 'anytime-prune[engine]'"
 
 # flag -> dotted spec field. One table drives parsing, spec building and error messages.
 FLAG_FIELDS: dict[str, str] = {
@@ -225,7 +232,25 @@ def _logs_above_the_bar() -> contextlib.AbstractContextManager[Any]:
     return logging_redirect_tqdm()
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # an import hook refused it, or a half-installed module
+        return False
+
+
+def require_engine(command: str) -> None:
+    """Exit with one line naming the extra to install when the engine's packages are missing.
+    A package that is installed but fails to import still raises: that is a real error."""
+    missing = [m for m in ("app_engine", *ENGINE_MODULES) if not _importable(m)]
+    if missing:
+        raise SystemExit(f"error: `anytime-prune {command}` needs the training engine, and "
+                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+                         f"{ENGINE_EXTRA_HINT}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    require_engine("run")
     spec = build_spec(spec_dict_from_args(args))
     from app_engine.runner import run
 
@@ -242,6 +267,7 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    require_engine("compare")
     from app_engine.report import plot_compare
     from app_engine.runner import run
 

@@ -11,17 +11,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first: this layer is rebuilt only when the list changes.
-COPY docker/requirements-api.txt /tmp/requirements-api.txt
-RUN pip install -r /tmp/requirements-api.txt
-
-# Only the torch-free packages. --no-deps: the project's core dependencies include torch, which
-# this image must not have; the list above is what the API needs.
+# Dependencies first, resolved from pyproject.toml alone (the project built without its code), so
+# this layer is rebuilt only when the dependencies change.
 COPY pyproject.toml README.md ./
+RUN pip install ".[api]" && pip uninstall --yes anytime-prune
+
+# The torch-free packages, installed normally with the api extra. The build fails if torch or
+# numpy got into the image, or if the API or the CLI client pulls the engine in on import.
 COPY app_common ./app_common
 COPY api ./api
 COPY anytime_prune ./anytime_prune
-RUN pip install --no-deps . \
+RUN pip install ".[api]" \
+    && python -c "import importlib.util as u; bad = [m for m in ('torch', 'numpy') if u.find_spec(m)]; assert not bad, bad" \
     && python -c "import api.main, anytime_prune.cli, sys; assert 'torch' not in sys.modules" \
     && useradd --create-home --uid 10001 app \
     && mkdir -p /data/artifacts /data/datasets \

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs the project with its test and service extras.
+# Creates .venv (once) and installs the project with its `dev` extra: every role (engine, client,
+# api, worker) plus the test, lint and type-check tools.
 # torch is installed first and pinned to 2.13.0: an unpinned torch would pull the CUDA build.
 # Source it (". scripts/setup.sh") to get the virtual environment activated.
 set -euo pipefail

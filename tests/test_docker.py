@@ -3,16 +3,19 @@ docker/, docker/redis.conf, .dockerignore and .env.example.
 
 Every file they copy or mount exists (and is not excluded from the build context), every
 ``anytime-prune`` command they run parses with the real argument parser, every setting the
-application reads is passed, the API image installs no torch, and the worker image's base does.
+application reads is passed, the API image installs the project with its torch-free ``api`` extra,
+and the worker image installs the ``worker`` extra on a CUDA base whose torch it keeps.
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
+import importlib.util
 import json
 import re
 import shlex
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -33,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 API_DOCKERFILE = ROOT / "docker" / "api.Dockerfile"
 WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
-API_REQUIREMENTS = ROOT / "docker" / "requirements-api.txt"
 WORKERS = ("worker-gpu", "worker-cpu")
 APP_SERVICES = ("api", *WORKERS)
 # Settings a deployment must decide itself: compose sets them explicitly (no silent default).
@@ -181,39 +183,53 @@ def ignored(path: str) -> bool:
     return result
 
 
-def requirements(path: Path) -> dict[str, Requirement]:
-    out: dict[str, Requirement] = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            req = Requirement(line)
-            out[canonicalize_name(req.name)] = req
-    return out
-
-
 def pyproject() -> dict[str, Any]:
     project: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return project
 
 
-def dependency_closure(names: set[str]) -> set[str]:
-    """``names`` and everything they require (from the installed distributions' metadata)."""
-    seen: set[str] = set()
-    todo = list(names)
+def project_requirements(extras: set[str]) -> list[Requirement]:
+    """What installing the project with ``extras`` asks for: the core dependencies and each
+    extra's list, with the project's references to its own extras (``anytime-prune[client]``)
+    followed through pyproject.toml itself, not through a possibly stale installed copy."""
+    project = pyproject()
+    optional: dict[str, list[str]] = project["optional-dependencies"]
+    own = canonicalize_name(project["name"])
+    wanted: set[str] = set()
+    todo = sorted(extras)
     while todo:
-        name = canonicalize_name(todo.pop())
-        if name in seen:
+        extra = todo.pop()
+        if extra in wanted:
             continue
-        seen.add(name)
+        assert extra in optional, f"pyproject.toml has no extra {extra}"
+        wanted.add(extra)
+        todo += [e for spec in optional[extra] if canonicalize_name((r := Requirement(spec)).name) == own
+                 for e in sorted(r.extras)]
+    specs = [*project["dependencies"], *(spec for extra in sorted(wanted) for spec in optional[extra])]
+    return [r for r in map(Requirement, specs) if canonicalize_name(r.name) != own]
+
+
+def dependency_closure(requirements: list[Requirement]) -> set[str]:
+    """The distributions ``requirements`` install, transitively (from the installed
+    distributions' metadata), following the extras each requirement asks for."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    names: set[str] = set()
+    todo = [(canonicalize_name(r.name), frozenset(r.extras)) for r in requirements]
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        names.add(name)
         try:
             requires = metadata.distribution(name).requires or []
         except metadata.PackageNotFoundError:
             continue
         for spec in requires:
             req = Requirement(spec)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return seen
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {"", *extras}):
+                todo.append((canonicalize_name(req.name), frozenset(req.extras)))
+    return names
 
 
 def third_party_imports(folders: list[str]) -> set[str]:
@@ -290,6 +306,27 @@ def test_every_command_is_a_real_anytime_prune_subcommand() -> None:
     assert "import torch, worker.celery_app" in " ".join(Dockerfile.parse(WORKER_DOCKERFILE).all("RUN"))
 
 
+def test_dockerfile_variables_imports_and_health_checks_are_real() -> None:
+    settings = set(settings_env_names().values())
+    for path in (API_DOCKERFILE, WORKER_DOCKERFILE):
+        dockerfile = Dockerfile.parse(path)
+        names = {item.split("=", 1)[0] for env in dockerfile.all("ENV") for item in shlex.split(env)}
+        app_names = {n for n in names if n.startswith("APP_")}
+        assert app_names <= settings, f"{path.name}: not settings of app_common/settings.py: {app_names - settings}"
+        assert names - app_names <= {"PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR",
+                                     "PIP_DISABLE_PIP_VERSION_CHECK"}, names
+        # The modules the build-time checks import exist (a renamed module fails here, not in CI's build).
+        for run in dockerfile.all("RUN"):
+            for statement in re.findall(r"\bimport ([\w., ]+?)(?:;|\"|$)", run):
+                for module in (m.split(" as ")[0].strip() for m in statement.split(",")):
+                    assert importlib.util.find_spec(module) is not None, f"{path.name} imports missing {module}"
+    health = Dockerfile.parse(API_DOCKERFILE).one("HEALTHCHECK")
+    match = re.search(r"http://127\.0\.0\.1:8000(/\w+)", health)
+    assert match, health
+    routes = " ".join(f.read_text() for f in (ROOT / "api").rglob("*.py"))
+    assert f'.get("{match.group(1)}"' in routes, f"the healthcheck asks for {match.group(1)}, which the API lacks"
+
+
 def test_every_setting_is_passed_and_the_values_validate(monkeypatch: pytest.MonkeyPatch) -> None:
     names = settings_env_names()
     given = {"REDIS_PASSWORD": "pw-123", "APP_SIGNING_SECRET": "s3cret"}
@@ -362,39 +399,43 @@ def test_gpu_worker_reserves_a_gpu_and_the_cpu_worker_does_not() -> None:
     assert service("worker-cpu")["build"] == gpu["build"]
 
 
-def test_api_image_installs_no_torch() -> None:
+def pip_installs(dockerfile: Dockerfile) -> list[str]:
+    """Every ``pip install ...`` command of the Dockerfile's RUN instructions."""
+    return [cmd.strip() for run in dockerfile.all("RUN") for cmd in run.split("&&") if "pip install" in cmd]
+
+
+def test_api_image_installs_the_api_extra_and_no_torch() -> None:
     dockerfile = Dockerfile.parse(API_DOCKERFILE)
     assert dockerfile.one("FROM") == "python:3.11-slim"
     copied = set(dockerfile.copy_sources())
-    assert {"app_common", "api", "anytime_prune"} <= copied
+    assert {"app_common", "api", "anytime_prune", "pyproject.toml"} <= copied
     assert not copied & {"app_engine", "worker", "."}, "the API image must not contain the engine or worker"
-    installs = [run for run in dockerfile.all("RUN") if "pip install" in run]
-    for run in installs:
-        for cmd in run.split("&&"):
-            if "pip install" not in cmd:
-                continue
-            if re.search(r"\s\.(\s|$|\[)", cmd + " "):
-                assert "--no-deps" in cmd, f"the project's own dependencies include torch: {cmd.strip()}"
-            assert "torch" not in cmd
+    assert not [s for s in copied if s.endswith(".txt")], "no hand-kept requirements list: pyproject is the one list"
 
-    reqs = requirements(API_REQUIREMENTS)
-    assert f"-r /tmp/{API_REQUIREMENTS.name}" in " ".join(installs)
-    assert not HEAVY & set(reqs), sorted(HEAVY & set(reqs))
-    # Everything those requirements pull in, transitively, is torch-free as well.
-    closure = dependency_closure(set(reqs))
+    # The project is installed normally, with its api extra: pyproject.toml decides what comes.
+    installs = pip_installs(dockerfile)
+    assert installs
+    for cmd in installs:
+        argv = shlex.split(cmd)
+        assert argv[argv.index("install") + 1:] == [".[api]"], f"install the project with its api extra: {cmd}"
+    # The last install is the one with the code (an earlier one may warm the dependency layer).
+    runs = dockerfile.all("RUN")
+    final = next(i for i, run in enumerate(runs) if run.startswith('pip install ".[api]"') and "useradd" in run)
+    checks = runs[final]
+    # At build time: torch is not importable at all, and the API and the CLI import without it.
+    assert "import api.main, anytime_prune.cli" in checks and "'torch' not in sys.modules" in checks
+    spec_checks = [argv for cmd in checks.split("&&") if "find_spec" in cmd and (argv := shlex.split(cmd))]
+    assert len(spec_checks) == 1 and spec_checks[0][:2] == ["python", "-c"], spec_checks
+    # The check is real: run here, where torch and numpy are installed, it fails and names them.
+    here = subprocess.run([sys.executable, "-c", spec_checks[0][2]], capture_output=True, text=True, timeout=60)
+    assert here.returncode != 0 and "torch" in here.stderr and "numpy" in here.stderr, here.stderr
+
+    # What `pip install ".[api]"` pulls in, transitively, is torch- and numpy-free.
+    requested = project_requirements({"api"})
+    assert not HEAVY & {canonicalize_name(r.name) for r in requested}
+    closure = dependency_closure(requested)
+    assert {"fastapi", "uvicorn", "redis", "celery", "httpx", "httpx-sse", "sse-starlette", "pydantic"} <= closure
     assert not HEAVY & closure, sorted(HEAVY & closure)
-
-    project = pyproject()
-    def by_name(specs: list[str]) -> dict[str, Requirement]:
-        return {canonicalize_name(Requirement(r).name): Requirement(r) for r in specs}
-
-    api_extra, core = by_name(project["optional-dependencies"]["api"]), by_name(project["dependencies"])
-    for name, req in api_extra.items():
-        assert name in reqs and reqs[name].specifier == req.specifier, f"api extra {req} differs in the image"
-    for name, req in reqs.items():
-        source = api_extra.get(name) or core.get(name)
-        assert source is not None, f"{name} is in neither pyproject's api extra nor its core dependencies"
-        assert req.specifier == source.specifier, f"{req} differs from pyproject's {source}"
 
     # Every third-party module that the code in the image imports is installed there.
     distributions = metadata.packages_distributions()
@@ -410,12 +451,19 @@ def test_worker_image_builds_on_a_cuda_pytorch_base_and_keeps_its_torch() -> Non
     base = dockerfile.one("FROM")
     match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn(\d+)-runtime", base)
     assert match, f"not a CUDA PyTorch base image: {base}"
-    torch_req = next(Requirement(r) for r in pyproject()["dependencies"] if Requirement(r).name == "torch")
+    requested = project_requirements({"worker"})
+    torch_req = next(r for r in requested if r.name == "torch")  # through the worker extra's engine extra
     assert Version(match.group(1)) in torch_req.specifier, f"{base}'s torch does not satisfy {torch_req}"
+    closure = dependency_closure(requested)
+    assert {"torch", "celery", "redis", "safetensors", "httpx"} <= closure
     assert {"app_common", "app_engine", "worker", "anytime_prune", "pyproject.toml"} <= set(dockerfile.copy_sources())
+    installs = pip_installs(dockerfile)
+    assert len(installs) == 1 and "--no-deps" not in installs[0]
+    assert re.fullmatch(r"pip install --constraint (\S+) \"\.\[worker\]\"", installs[0]), installs
     run = " ".join(dockerfile.all("RUN"))
-    assert re.search(r"pip install --constraint \S+ \"\.\[worker\]\"", run), run
-    assert "torch==" in run and "torch.__version__" in run  # the constraint pins the base's torch
+    constraint = installs[0].split()[3]
+    # The constraint pins the base's torch, written just before the install.
+    assert re.search(r"torch==.*torch\.__version__.*> " + re.escape(constraint), run), run
 
 
 def test_images_run_as_the_same_unprivileged_user() -> None:

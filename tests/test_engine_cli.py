@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 from anytime_prune.cli import build_parser, main
-from anytime_prune.engine_cli import spec_dict_from_args
+from anytime_prune.engine_cli import ENGINE_MODULES, spec_dict_from_args
 
 
 def parse(argv: list[str]):
@@ -90,3 +98,67 @@ def test_megabatch_size_the_data_cannot_fill_names_the_field(tmp_path):
         main(["run", "--dataset", "digits", "--megabatches", "2", "--megabatch-size", "5000",
               "--out", str(tmp_path / "o")])
     assert "stream.megabatch_size" in str(exc.value)
+
+
+# --- without the engine extra -------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Loaded by every Python started with this folder on PYTHONPATH: importing torch then fails as it
+# does where the `engine` extra is not installed, and each refused import is logged to a file, so
+# the tests below can tell that the block was really in the way.
+BLOCKER = '''
+import os, sys
+
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "torch":
+            with open(os.environ["BLOCKED_LOG"], "a") as log:
+                log.write(name + "\\n")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+'''
+
+
+def run_without_torch(tmp_path: Path, *argv: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    blocked = tmp_path / "blocked.log"
+    blocked.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]), BLOCKED_LOG=str(blocked),
+               ANYTIME_PRUNE_HOME=str(tmp_path / "home"))
+    proc = subprocess.run([sys.executable, "-m", "anytime_prune.cli", *argv], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    return proc, (blocked.read_text().split() if blocked.exists() else [])
+
+
+@pytest.mark.parametrize("command", [["run"], ["compare", "--methods", "app"]])
+def test_engine_commands_without_torch_name_the_extra_in_one_line(tmp_path: Path, command: list[str]) -> None:
+    proc, blocked = run_without_torch(tmp_path, *command, "--dataset", "digits", "--out", str(tmp_path / "o"))
+    assert "torch" in blocked, "the blocker was never consulted: the test proves nothing"
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"error: `anytime-prune {command[0]}` needs the training engine")
+    assert "torch" in lines[0] and lines[0].endswith("pip install 'anytime-prune[engine]'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_client_verbs_work_without_torch(tmp_path: Path) -> None:
+    proc, _ = run_without_torch(tmp_path, "submit", "--help")
+    assert proc.returncode == 0 and "--target-sparsity" in proc.stdout, proc.stderr
+    # No service at this address: the client verb runs, fails cleanly, and never needed torch.
+    proc, blocked = run_without_torch(tmp_path, "status", "0" * 32, "--url", "http://127.0.0.1:9", "--timeout", "2")
+    assert proc.returncode == 4 and "unreachable" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert blocked == []
+
+
+def test_engine_modules_are_the_engine_extra() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = {canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"]["engine"]}
+    distributions = metadata.packages_distributions()
+    provided = {canonicalize_name(d) for m in ENGINE_MODULES for d in distributions.get(m, [])}
+    assert provided == extra
