@@ -1,0 +1,281 @@
+"""The client verbs of ``anytime-prune``: ``submit``, ``status``, ``watch``, ``list``, ``cancel``
+and ``download``, which talk to a running service over HTTP.
+
+They need httpx only (imported per command): never torch, fastapi or celery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from anytime_prune.engine_cli import ConsoleProgress, add_spec_flags, build_spec, megabatch_table, spec_dict_from_args
+from app_common.events import EVENT_TYPES, STATUSES, event_from_dict
+
+if TYPE_CHECKING:
+    from anytime_prune.client import ApiError, Client, JobEvent
+
+log = logging.getLogger("anytime_prune")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+# Exit statuses of the client verbs (``watch`` and ``submit --watch`` report the job's outcome).
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_JOB_CANCELLED = 3
+EXIT_SERVICE_ERROR = 4
+EXIT_CODES_HELP = (
+    "exit status: 0 the job succeeded (or the command worked), 1 the job failed, 2 bad usage, "
+    "3 the job was cancelled, 4 the service answered with an error or could not be reached"
+)
+
+
+def quiet_http_logs() -> None:
+    # httpx logs every request at INFO: noise on a console that shows a job's progress.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """The client from --url / --api-key, else the environment, else serve's credentials file."""
+    from anytime_prune.client import Client
+
+    quiet_http_logs()
+    env = dict(os.environ)
+    if args.url:
+        env["ANYTIME_PRUNE_URL"] = args.url
+    if args.api_key:
+        env["ANYTIME_PRUNE_API_KEY"] = args.api_key
+    return Client.from_env(environ=env, timeout=args.timeout)
+
+
+def _client_command(fn: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``fn`` with a client; an API error becomes a message and exit status 4."""
+
+    def run(args: argparse.Namespace) -> int:
+        from anytime_prune.client import ApiError
+
+        try:
+            client = _client(args)
+        except ValueError as exc:  # an unreadable credentials file
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_SERVICE_ERROR
+        try:
+            with client:
+                return fn(args, client)
+        except ApiError as exc:
+            report_api_error(exc)
+            return EXIT_SERVICE_ERROR
+        except KeyboardInterrupt:  # Ctrl-C while watching: the job itself keeps running
+            print("\ninterrupted (the job is not cancelled; `anytime-prune cancel` does that)", file=sys.stderr)
+            return 130
+
+    return run
+
+
+def report_api_error(exc: ApiError) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+    if exc.status == 401:
+        print("hint: pass --api-key, set ANYTIME_PRUNE_API_KEY, or start `anytime-prune serve`, which "
+              "writes a development key for this client", file=sys.stderr)
+    elif exc.status == 0:
+        print("hint: is the service running? (`anytime-prune serve`, or pass --url)", file=sys.stderr)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+class EventProgress:
+    """Shows a job's event stream as ``run`` shows a local run: a progress bar on a terminal, log
+    lines otherwise; status changes are reported as they happen."""
+
+    def __init__(self, label: str = "", *, json_lines: bool = False):
+        self.label = label
+        self.json_lines = json_lines
+        self.console: ConsoleProgress | None = None
+
+    def __call__(self, event: JobEvent) -> None:
+        if self.json_lines:
+            print(json.dumps({"id": event.id, **event.data}), flush=True)
+            return
+        if event.type == "status_changed":
+            reason = event.data.get("reason")
+            line = f"{self.label}status: {event.data.get('status')}" + (f" ({reason})" if reason else "")
+            if self.console is not None and self.console.bar is not None:
+                self.console.bar.write(line)
+            else:
+                log.info("%s", line)
+            if event.terminal_status:
+                self.close()
+            return
+        if event.type not in EVENT_TYPES:
+            return
+        try:
+            engine_event = event_from_dict(event.data)
+        except (TypeError, ValueError):
+            log.debug("unreadable event %s: %s", event.type, event.data)
+            return
+        if event.type == "run_started":
+            # A resumed job starts again: a fresh bar continues from the megabatches already done.
+            self.close()
+            self.console = ConsoleProgress(self.label)
+        if self.console is not None:
+            self.console(engine_event)
+
+    def close(self) -> None:
+        if self.console is not None and self.console.bar is not None:
+            self.console.bar.close()
+            self.console.bar = None
+
+
+def exit_for(job: dict[str, Any]) -> int:
+    return {"succeeded": EXIT_OK, "cancelled": EXIT_JOB_CANCELLED}.get(job["status"], EXIT_JOB_FAILED)
+
+
+def summarise_final(job: dict[str, Any]) -> None:
+    """What a person wants to see when a job ends: the per-megabatch table, or why it did not
+    succeed."""
+    if job["status"] == "succeeded" and job.get("result"):
+        print(megabatch_table(job["result"]))
+    elif job["status"] != "succeeded":
+        print(f"job {job['id']} {job['status']}" + (f": {job['error']}" if job.get("error") else ""),
+              file=sys.stderr)
+
+
+def follow(client: Client, job_id: str, *, json_lines: bool = False) -> dict[str, Any]:
+    progress = EventProgress(json_lines=json_lines)
+    try:
+        return client.watch(job_id, callback=progress)
+    finally:
+        progress.close()
+
+
+def cmd_submit(args: argparse.Namespace, client: Client) -> int:
+    data = spec_dict_from_args(args)
+    build_spec(data)  # fail here, with the flag names, before anything is sent
+    job = client.submit(data, idempotency_key=args.idempotency_key)
+    if args.json:
+        print_json(job)
+    else:
+        print(job["id"])
+        print(f"submitted job {job['id']} ({job['status']}, queue {job['queue']}); follow it with: "
+              f"anytime-prune watch {job['id']}", file=sys.stderr)
+    if not args.watch:
+        return EXIT_OK
+    final = follow(client, job["id"])
+    if not args.json:
+        summarise_final(final)
+    return exit_for(final)
+
+
+def cmd_status(args: argparse.Namespace, client: Client) -> int:
+    job = client.status(args.job_id)
+    if args.json:
+        print_json(job)
+        return EXIT_OK
+    p = job.get("progress") or {}
+    print(f"job       {job['id']}")
+    print(f"status    {job['status']}" + (f" ({job['error']})" if job.get("error") else ""))
+    spec = job.get("spec") or {}
+    print(f"spec      {spec.get('dataset', {}).get('name')} / {spec.get('architecture')} / {spec.get('method')}, "
+          f"{spec.get('stream', {}).get('megabatches')} megabatches x {spec.get('training', {}).get('epochs')} epochs")
+    print(f"progress  megabatch {p.get('megabatch')}/{p.get('megabatches')}, epoch {p.get('epoch')}/{p.get('epochs')} "
+          f"({100 * float(p.get('fraction') or 0):.0f} %)")
+    m = job.get("latest_metrics")
+    if m:
+        acc, density = m.get("test_accuracy", float("nan")), m.get("density", float("nan"))
+        print(f"latest    test accuracy {acc:.4f}, density {density:.4f}")
+    print(f"created   {job['created_at']}; finished {job.get('finished_at') or '-'}")
+    if job.get("artifacts"):
+        print("artifacts " + ", ".join(a["name"] for a in job["artifacts"]))
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, client: Client) -> int:
+    final = follow(client, args.job_id, json_lines=args.json)
+    if not args.json:
+        summarise_final(final)
+    return exit_for(final)
+
+
+def cmd_list(args: argparse.Namespace, client: Client) -> int:
+    jobs = client.list(status=args.status, limit=args.limit)
+    if args.json:
+        print_json(jobs)
+        return EXIT_OK
+    if not jobs:
+        print("no jobs", file=sys.stderr)
+        return EXIT_OK
+    print(f"{'id':<32}  {'status':<10} {'created':<24} {'spec':<28} {'progress':>8} {'test acc':>8}")
+    for job in jobs:
+        spec = job.get("spec") or {}
+        what = f"{spec.get('dataset', {}).get('name')}/{spec.get('architecture')}/{spec.get('method')}"
+        fraction = float((job.get("progress") or {}).get("fraction") or 0)
+        acc = (job.get("latest_metrics") or {}).get("test_accuracy")
+        print(f"{job['id']:<32}  {job['status']:<10} {job['created_at']:<24} {what:<28} {100 * fraction:>7.0f}% "
+              f"{'-' if acc is None else format(acc, '.4f'):>8}")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
+    job = client.cancel(args.job_id)
+    if args.json:
+        print_json(job)
+    else:
+        print(f"job {job['id']} is {job['status']}")
+    return EXIT_OK
+
+
+def cmd_download(args: argparse.Namespace, client: Client) -> int:
+    paths = client.download(args.job_id, args.out, names=args.name or None)
+    for path in paths:
+        print(path)
+    print(f"downloaded {len(paths)} files into {args.out} (sha256 checked)", file=sys.stderr)
+    return EXIT_OK
+
+
+# --- the parser -------------------------------------------------------------------------------
+
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("service")
+    g.add_argument("--url", help="API base URL (default: $ANYTIME_PRUNE_URL, serve's credentials, "
+                   f"http://{DEFAULT_HOST}:{DEFAULT_PORT})")
+    g.add_argument("--api-key", help="API key (default: $ANYTIME_PRUNE_API_KEY, else serve's credentials)")
+    g.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _client_parser(sub: Any, name: str, fn: Callable[[argparse.Namespace, Client], int], help_text: str,
+                   job_id: bool = True) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES_HELP)
+    if job_id:
+        p.add_argument("job_id")
+    _add_client_flags(p)
+    p.set_defaults(func=_client_command(fn))
+    return p
+
+
+def add_client_commands(sub: Any) -> None:
+    """Add the client verbs to the ``anytime-prune`` parser's subparsers."""
+    p = _client_parser(sub, "submit", cmd_submit, "submit a job (spec file and/or flags); prints its id",
+                       job_id=False)
+    add_spec_flags(p)
+    p.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
+    p.add_argument("--watch", action="store_true", help="follow the job until it ends; exit status = its outcome")
+    _client_parser(sub, "status", cmd_status, "show a job")
+    _client_parser(sub, "watch", cmd_watch, "follow a job's events live until it ends")
+    ls = _client_parser(sub, "list", cmd_list, "list your jobs, newest first", job_id=False)
+    ls.add_argument("--status", choices=STATUSES)
+    ls.add_argument("--limit", type=int, default=20)
+    _client_parser(sub, "cancel", cmd_cancel, "cancel a job")
+    d = _client_parser(sub, "download", cmd_download, "download a finished job's files (sha256 checked)")
+    d.add_argument("--out", required=True, help="folder to write into")
+    d.add_argument("--name", action="append", help="only this file (repeatable)")
+
