@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from anytime_prune.spec_flags import FIELD_FLAGS, SPEC_FLAGS, comma_list
 from app_common.spec import JobSpec, SpecError
 
 log = logging.getLogger("anytime_prune")
@@ -23,92 +24,21 @@ log = logging.getLogger("anytime_prune")
 ENGINE_MODULES = ("torch", "numpy", "safetensors", "sklearn", "PIL", "matplotlib", "tqdm")
 ENGINE_EXTRA_HINT = "pip install 'anytime-prune[engine]'"
 
-# flag -> dotted spec field. One table drives parsing, spec building and error messages.
-FLAG_FIELDS: dict[str, str] = {
-    "dataset": "dataset.name",
-    "data_path": "dataset.path",
-    "few_shot": "dataset.few_shot",
-    "image_size": "dataset.image_size",
-    "arch": "architecture",
-    "method": "method",
-    "target_sparsity": "sparsity.target",
-    "tau": "sparsity.tau",
-    "pruner": "sparsity.pruner",
-    "scope": "sparsity.scope",
-    "score_fraction": "sparsity.score_fraction",
-    "score_source": "sparsity.score_source",
-    "megabatches": "stream.megabatches",
-    "megabatch_size": "stream.megabatch_size",
-    "replay": "stream.replay",
-    "buffer_size": "stream.buffer_size",
-    "val_fraction": "stream.val_fraction",
-    "epochs": "training.epochs",
-    "batch_size": "training.batch_size",
-    "lr": "training.lr",
-    "momentum": "training.momentum",
-    "weight_decay": "training.weight_decay",
-    "milestones": "training.milestones",
-    "gamma": "training.gamma",
-    "warmup_epochs": "training.warmup_epochs",
-    "augment": "training.augment",
-    "precision": "training.precision",
-    "seed": "training.seed",
-    "device": "training.device",
-    "export": "export.formats",
-}
-FIELD_FLAGS = {f: "--" + k.replace("_", "-") for k, f in FLAG_FIELDS.items()}
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _str_list(text: str) -> list[str]:
-    return [v for v in text.replace(" ", "").split(",") if v]
-
+# `compare` varies these itself (--methods, --megabatches as a list, --seeds).
+COMPARE_OWN_FIELDS = frozenset({"method", "stream.megabatches", "training.seed"})
 
 def add_spec_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
-    """Flags mirroring the job spec; every default is None so only given flags override."""
+    """``--spec`` and a flag per job-spec field (generated: :mod:`anytime_prune.spec_flags`);
+    every default is None, so only the flags given override the spec file."""
     g = p.add_argument_group("job spec (overrides --spec)")
     g.add_argument("--spec", type=Path, help="JSON job spec (the HTTP API's body); flags override it")
-    g.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagefolder | npz | synthetic")
-    g.add_argument("--data-path", help="file or folder of the dataset")
-    g.add_argument("--few-shot", type=int, help="training samples per class")
-    g.add_argument("--image-size", type=int)
-    g.add_argument("--arch", help="architecture (see app_common.spec.ARCHITECTURES)")
-    if not compare:
-        g.add_argument("--method", help="app | osp | dense")
-        g.add_argument("--megabatches", type=int, help="stream length N")
-        g.add_argument("--seed", type=int)
-    g.add_argument("--target-sparsity", type=float, help="fraction of prunable weights removed at the end")
-    g.add_argument("--tau", type=float, help="the paper's sparsity level (density 0.8**tau)")
-    g.add_argument("--pruner", help="snip | magnitude | random | grasp | synflow")
-    g.add_argument("--scope", help="global | local")
-    g.add_argument("--score-fraction", type=float)
-    g.add_argument("--score-source", help="current | cumulative")
-    g.add_argument("--megabatch-size", type=int)
-    g.add_argument("--replay", help="full | none | previous | buffer")
-    g.add_argument("--buffer-size", type=int)
-    g.add_argument("--val-fraction", type=float)
-    g.add_argument("--epochs", type=int, help="epochs per megabatch")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--milestones", type=_int_list, help="comma-separated epochs, e.g. 20,40")
-    g.add_argument("--gamma", type=float)
-    g.add_argument("--warmup-epochs", type=int)
-    g.add_argument("--augment", help="auto | none | crop | crop_flip")
-    g.add_argument("--precision", help="auto | fp32 | bf16")
-    g.add_argument("--device", help="auto | cpu | cuda")
-    g.add_argument("--export", type=_str_list, help="comma-separated: safetensors,sparse,onnx")
+    for flag in SPEC_FLAGS:
+        if not (compare and flag.field in COMPARE_OWN_FIELDS):
+            flag.add_to(g)
 
 
 def spec_dict_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The spec file's dict with the given flags written over it."""
+    """The spec file's dict with the given flags written over it (``overrides``: by flag dest)."""
     data: dict[str, Any] = {}
     if args.spec is not None:
         try:
@@ -117,12 +47,13 @@ def spec_dict_from_args(args: argparse.Namespace, overrides: dict[str, Any] | No
             raise SystemExit(f"error: --spec {args.spec}: {exc}") from None
         if not isinstance(data, dict):
             raise SystemExit(f"error: --spec {args.spec}: expected a JSON object")
-    values = {k: getattr(args, k, None) for k in FLAG_FIELDS}
+    values = {flag.dest: getattr(args, flag.dest, None) for flag in SPEC_FLAGS}
     values.update(overrides or {})
-    for key, value in values.items():
+    fields = {flag.dest: flag.field for flag in SPEC_FLAGS}
+    for dest, value in values.items():
         if value is None:
             continue
-        *parents, leaf = FLAG_FIELDS[key].split(".")
+        *parents, leaf = fields[dest].split(".")
         node = data
         for part in parents:
             node = node.setdefault(part, {})
@@ -130,7 +61,7 @@ def spec_dict_from_args(args: argparse.Namespace, overrides: dict[str, Any] | No
                 raise SystemExit(f"error: --spec: field '{part}' must be an object")
         node[leaf] = value
     # A flag for one form of the target replaces the other form given in the spec file.
-    if args.target_sparsity is not None:
+    if getattr(args, "target_sparsity", None) is not None:
         data.get("sparsity", {}).pop("tau", None)
     elif getattr(args, "tau", None) is not None:
         data.get("sparsity", {}).pop("target", None)
@@ -196,7 +127,8 @@ class ConsoleProgress:
 
 
 def megabatch_table(result: dict[str, Any]) -> str:
-    head = f"{'mb':>3} {'density':>8} {'target':>8} {'test acc':>9} {'errors':>7} {'val acc':>8} {'train acc':>9} {'gap pp':>7} {'img/s':>8}"
+    head = (f"{'mb':>3} {'density':>8} {'target':>8} {'test acc':>9} {'errors':>7} {'val acc':>8} "
+            f"{'train acc':>9} {'gap pp':>7} {'img/s':>8}")
     rows = [head, "-" * len(head)]
     for m in result["megabatches"]:
         rows.append(
@@ -339,8 +271,8 @@ def add_engine_commands(sub: Any) -> None:
 
     c = sub.add_parser("compare", help="run several methods x seeds on the same data; table and plot")
     add_spec_flags(c, compare=True)
-    c.add_argument("--methods", type=_str_list, default=["app", "osp", "dense"])
-    c.add_argument("--seeds", type=_int_list, default=[1, 2, 3])
-    c.add_argument("--megabatches", type=_int_list, default=[8], help="one or more stream lengths, e.g. 4,8")
+    c.add_argument("--methods", type=comma_list(str), default=["app", "osp", "dense"])
+    c.add_argument("--seeds", type=comma_list(int), default=[1, 2, 3])
+    c.add_argument("--megabatches", type=comma_list(int), default=[8], help="one or more stream lengths, e.g. 4,8")
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_compare)
