@@ -13,9 +13,8 @@ turns out to be damaged.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import io
+import json
 import logging
 import re
 from pathlib import Path
@@ -24,7 +23,9 @@ from typing import Any
 import torch
 
 from app_engine.errors import RunInputError
-from app_engine.export import write_atomic
+from app_engine.files import atomic_write_json, sha256_file, write_atomic
+
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "sha256_file"]
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +36,6 @@ KEEP = 2
 
 class CheckpointError(RunInputError):
     """A checkpoint that cannot be used (damaged, or written by a different run spec)."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def save_checkpoint(out_dir: Path, megabatch: int, state: dict[str, Any], spec_fingerprint: str) -> Path:

@@ -4,38 +4,23 @@ Everything is written without pickle: tensors go into safetensors files, the res
 ``out_dir`` after :func:`export_artifacts`::
 
     model.safetensors          dense state dict, masks folded in (pruned weights are +0.0)
-    masks.safetensors          one bool tensor per prunable parameter
+    masks.safetensors          one packed-bit mask per prunable parameter (see app_engine.sparse)
     model.sparse.safetensors   the same state dict, pruned tensors as bitmask + non-zero values
     model.onnx                 only when asked for and the ``onnx`` package is installed
     report.png                 the anytime curves (see :mod:`app_engine.report`)
     manifest.json              spec, versions, model info, metrics, densities, sha256 of each file
 
-The sparse file is an ordinary safetensors file, so any safetensors reader can open it; only its
-layout is ours. A tensor worth compressing (floating point, not tiny, mostly zeros) is stored as
-
-    <name>::bits    uint8 [ceil(numel / 8)]   bit i (little-endian within a byte) = element i != 0
-    <name>::values  dtype [nnz]               the non-zero elements in flattened (row-major) order
-
-and every other tensor under its own name, unchanged. The safetensors metadata entry
-``anytime_prune.sparse`` records, per tensor and in state-dict order, its name, dtype, shape and
-encoding, so :func:`load_sparse` rebuilds each tensor bit for bit (a stored -0.0 counts as zero and
-comes back as +0.0; every non-zero value keeps its exact bits, NaN payloads included). On disk the
-file costs about ``numel * (density * itemsize + 1/8)`` bytes per compressed tensor: at fp32 the
-bitmask adds 1/32 of the dense size.
-
-All files are written atomically (temporary file in the same folder, fsync, rename), so a reader
-never sees half a file and a crash leaves the previous version in place.
+The file formats are in :mod:`app_engine.sparse`, reading them back in :mod:`app_engine.loading`
+(``load_model`` is re-exported here), atomic writing in :mod:`app_engine.files`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
-import math
 import os
 import platform
 import tempfile
@@ -43,250 +28,67 @@ import warnings
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 
+import app_engine
 from app_common.spec import JobSpec
-from app_engine.models import create_model, prunable_parameters
+from app_engine.files import sha256_hex, write_atomic
+from app_engine.loading import (
+    FILE_FORMATS,
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+    MASKS_FILE,
+    MODEL_FILE,
+    MODEL_INFO_KEYS,
+    ONNX_FILE,
+    REPORT_FILE,
+    SOURCE_FILES,
+    SPARSE_FILE,
+    load_model,
+    load_run_masks,
+    read_manifest,
+    read_verified,
+)
+from app_engine.models import prunable_parameters
+from app_engine.sparse import (
+    SPARSE_META_KEY,
+    encode_masks,
+    encode_sparse,
+    load_masks,
+    load_sparse,
+    read_metadata,
+    save_sparse,
+    to_safetensors,
+)
+
+__all__ = [
+    "FILE_FORMATS",
+    "MANIFEST_FILE",
+    "MANIFEST_VERSION",
+    "MASKS_FILE",
+    "MODEL_FILE",
+    "ONNX_FILE",
+    "REPORT_FILE",
+    "SOURCE_FILES",
+    "SPARSE_FILE",
+    "SPARSE_META_KEY",
+    "engine_version",
+    "export_artifacts",
+    "fold_masks",
+    "load_masks",
+    "load_model",
+    "load_run_masks",
+    "load_sparse",
+    "read_manifest",
+    "read_metadata",
+    "read_verified",
+    "save_sparse",
+]
 
 logger = logging.getLogger(__name__)
-
-MODEL_FILE = "model.safetensors"
-MASKS_FILE = "masks.safetensors"
-SPARSE_FILE = "model.sparse.safetensors"
-ONNX_FILE = "model.onnx"
-REPORT_FILE = "report.png"
-MANIFEST_FILE = "manifest.json"
-
-# The ``format`` each artifact is listed under (manifest, API artifact listing).
-FILE_FORMATS = {
-    MODEL_FILE: "safetensors",
-    MASKS_FILE: "masks",
-    SPARSE_FILE: "sparse",
-    ONNX_FILE: "onnx",
-    REPORT_FILE: "png",
-    MANIFEST_FILE: "json",
-}
-# load_model(source=...) -> the file it reads.
-SOURCE_FILES = {"sparse": SPARSE_FILE, "safetensors": MODEL_FILE}
-MODEL_INFO_KEYS = ("architecture", "input_shape", "num_classes", "mean", "std", "classes")
-MANIFEST_VERSION = 1
-
-SPARSE_META_KEY = "anytime_prune.sparse"
-SPARSE_FORMAT_VERSION = 1
-# Separates a tensor name from its part in the sparse file; state-dict names use dots only.
-PART_SEP = "::"
-# Tensors smaller than this are stored whole: the saving would not pay for their header entry.
-MIN_PACKED_NUMEL = 64
-# Pack a tensor only when bitmask + values take at most this share of its dense bytes. At fp32
-# that is density <= 0.9 - 1/32 ~ 0.87; at fp16 / bf16 density <= 0.9 - 1/16 ~ 0.84.
-MAX_PACKED_SHARE = 0.9
-
-
-# --- atomic files ---------------------------------------------------------------------------------
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
-
-    The bytes go to a temporary file in the same folder (a rename is only atomic within one file
-    system), are flushed and fsync'ed, and the temporary file then replaces ``path``.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates the file 0600; artifacts are meant to be read by others (API, downloads).
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a folder be opened for this.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# --- safetensors helpers --------------------------------------------------------------------------
-
-
-def _to_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
-    # Cloning gives each tensor its own contiguous CPU storage: safetensors refuses tensors that
-    # share memory (tied weights appear twice in a state dict) and views that are not contiguous.
-    owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    return safetensors.torch.save(owned, metadata=dict(metadata) if metadata else None)
-
-
-def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file held in ``data``.
-
-    Layout: an 8-byte little-endian header length, then that many bytes of JSON header.
-    """
-    if len(data) < 8:
-        raise ValueError(f"{source}: not a safetensors file (only {len(data)} bytes)")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise ValueError(f"{source}: not a safetensors file (header of {size} bytes in a {len(data)}-byte file)")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{source}: unreadable safetensors header ({exc})") from None
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError(f"{source}: safetensors metadata is not a mapping")
-    return {str(k): str(v) for k, v in meta.items()}
-
-
-def _load_safetensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors.torch.load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError for bad files
-        raise ValueError(f"{source}: unreadable safetensors file ({exc})") from None
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The string metadata stored in a safetensors file (``save_sparse``'s ``metadata`` included)."""
-    path = Path(path)
-    meta = _safetensors_metadata(path.read_bytes(), path.name)
-    meta.pop(SPARSE_META_KEY, None)
-    return meta
-
-
-# --- sparse file ----------------------------------------------------------------------------------
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _worth_packing(t: torch.Tensor, nnz: int) -> bool:
-    if not t.is_floating_point() or t.numel() < MIN_PACKED_NUMEL:
-        return False
-    item = t.element_size()
-    packed = math.ceil(t.numel() / 8) + nnz * item
-    return packed <= MAX_PACKED_SHARE * t.numel() * item
-
-
-def encode_sparse(
-    state_dict: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None
-) -> bytes:
-    """The bytes of the sparse safetensors file for ``state_dict`` (see the module docstring)."""
-    tensors: dict[str, torch.Tensor] = {}
-    entries: list[dict[str, Any]] = []
-    for name, tensor in state_dict.items():
-        if PART_SEP in name:
-            raise ValueError(f"tensor name {name!r} contains {PART_SEP!r}, which the sparse format reserves")
-        t = tensor.detach().to("cpu")
-        entry: dict[str, Any] = {"name": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
-        flat = t.reshape(-1)
-        # -0.0 == 0 is True, so negative zeros count as zeros and are dropped (restored as +0.0).
-        keep = flat != 0 if t.is_floating_point() else None
-        nnz = int(keep.sum()) if keep is not None else t.numel()
-        if keep is not None and _worth_packing(t, nnz):
-            bits = np.packbits(keep.numpy(), bitorder="little")  # uint8 [ceil(numel / 8)]
-            tensors[f"{name}{PART_SEP}bits"] = torch.from_numpy(bits)
-            tensors[f"{name}{PART_SEP}values"] = flat[keep]
-            entry.update(encoding="bitmask", nnz=nnz)
-        else:
-            tensors[name] = t
-            entry["encoding"] = "dense"
-        entries.append(entry)
-    meta = dict(metadata or {})
-    if SPARSE_META_KEY in meta:
-        raise ValueError(f"metadata key {SPARSE_META_KEY!r} is reserved for the sparse layout")
-    meta[SPARSE_META_KEY] = json.dumps({"version": SPARSE_FORMAT_VERSION, "tensors": entries})
-    return _to_safetensors(tensors, meta)
-
-
-def decode_sparse(data: bytes, source: str = "sparse file") -> dict[str, torch.Tensor]:
-    """Rebuild the state dict from the bytes of a sparse file; ``source`` names it in errors."""
-    meta = _safetensors_metadata(data, source)
-    if SPARSE_META_KEY not in meta:
-        raise ValueError(f"{source}: not a sparse checkpoint (no {SPARSE_META_KEY!r} metadata)")
-    try:
-        layout = json.loads(meta[SPARSE_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{source}: unreadable sparse layout ({exc})") from None
-    if not isinstance(layout, dict) or layout.get("version") != SPARSE_FORMAT_VERSION:
-        raise ValueError(f"{source}: sparse format version {layout.get('version')!r} is not supported")
-    stored = _load_safetensors(data, source)
-    out: dict[str, torch.Tensor] = {}
-    for entry in layout["tensors"]:
-        try:
-            out[entry["name"]] = _decode_entry(entry, stored)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: tensor {entry.get('name')!r}: {exc}") from None
-    return out
-
-
-def _decode_entry(entry: Mapping[str, Any], stored: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    name, shape = entry["name"], tuple(int(s) for s in entry["shape"])
-    dtype = getattr(torch, entry["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {entry['dtype']!r}")
-    numel = math.prod(shape)
-    if entry["encoding"] == "dense":
-        t = stored[name]
-    elif entry["encoding"] == "bitmask":
-        bits = stored[f"{name}{PART_SEP}bits"].numpy()
-        if bits.size != math.ceil(numel / 8):
-            raise ValueError(f"bitmask of {bits.size} bytes for {numel} elements")
-        keep = torch.from_numpy(np.unpackbits(bits, count=numel, bitorder="little").astype(bool))
-        values = stored[f"{name}{PART_SEP}values"]
-        if values.numel() != int(keep.sum()) or values.dtype != dtype:
-            raise ValueError("bitmask and values do not agree")
-        t = torch.zeros(numel, dtype=dtype)
-        t[keep] = values
-    else:
-        raise ValueError(f"unknown encoding {entry['encoding']!r}")
-    if t.dtype != dtype or t.numel() != numel:
-        raise ValueError("stored tensor does not match its recorded dtype and shape")
-    return t.reshape(shape)
-
-
-def save_sparse(
-    state_dict: Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    *,
-    metadata: Mapping[str, str] | None = None,
-) -> int:
-    """Write ``state_dict`` as a sparse safetensors file (atomically); returns its size in bytes.
-
-    ``metadata`` (string keys and values) is kept in the file; read it back with
-    :func:`read_metadata`.
-    """
-    data = encode_sparse(state_dict, metadata=metadata)
-    write_atomic(path, data)
-    return len(data)
-
-
-def load_sparse(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_sparse`; every tensor comes back with its dtype and shape."""
-    path = Path(path)
-    return decode_sparse(path.read_bytes(), path.name)
 
 
 # --- export ---------------------------------------------------------------------------------------
@@ -314,8 +116,6 @@ def fold_masks(
 
 
 def engine_version() -> str:
-    import app_engine
-
     version = getattr(app_engine, "__version__", None)
     if isinstance(version, str):
         return version
@@ -453,8 +253,8 @@ def export_artifacts(
         logger.info("wrote %s (%d bytes)", path, len(data))
 
     if "safetensors" in wanted:
-        put(MODEL_FILE, _to_safetensors(folded, {"model_info": info_json, "format": "dense"}))
-    put(MASKS_FILE, _to_safetensors({n: m.to(torch.bool) for n, m in masks.items()}, {"model_info": info_json}))
+        put(MODEL_FILE, to_safetensors(folded, {"model_info": info_json, "format": "dense"}))
+    put(MASKS_FILE, encode_masks(masks, metadata={"model_info": info_json}))
     if "sparse" in wanted:
         put(SPARSE_FILE, encode_sparse(folded, metadata={"model_info": info_json}))
     if "onnx" in wanted:
@@ -491,63 +291,3 @@ def export_artifacts(
     }
     put(MANIFEST_FILE, json.dumps(manifest, indent=2, default=_json_default).encode())
     return written
-
-
-# --- load -----------------------------------------------------------------------------------------
-
-
-def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(out_dir) / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_bytes())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{MANIFEST_FILE}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or "files" not in manifest or "model_info" not in manifest:
-        raise ValueError(f"{MANIFEST_FILE}: not an anytime-prune manifest")
-    return manifest
-
-
-def read_verified(out_dir: str | os.PathLike[str], name: str, manifest: Mapping[str, Any] | None = None) -> bytes:
-    """The bytes of artifact ``name``, after checking size and sha256 against the manifest.
-
-    Raises ``ValueError`` naming the file when it is not in the manifest or its bytes differ.
-    """
-    manifest = read_manifest(out_dir) if manifest is None else manifest
-    entry = next((f for f in manifest["files"] if f.get("name") == name), None)
-    if entry is None:
-        raise ValueError(f"{name}: not listed in {MANIFEST_FILE} (was its format exported?)")
-    data = (Path(out_dir) / name).read_bytes()
-    digest = sha256_hex(data)
-    if len(data) != entry["bytes"] or digest != entry["sha256"]:
-        raise ValueError(
-            f"{name}: contents do not match {MANIFEST_FILE} "
-            f"(sha256 {digest[:12]}..., {len(data)} bytes; expected {entry['sha256'][:12]}..., {entry['bytes']} bytes)"
-        )
-    return data
-
-
-def load_model(
-    out_dir: str | os.PathLike[str], *, source: Literal["sparse", "safetensors"] = "sparse"
-) -> nn.Module:
-    """Rebuild the exported model from ``out_dir``, in eval mode, on the CPU.
-
-    ``source`` picks the file: ``sparse`` (model.sparse.safetensors) or ``safetensors``
-    (model.safetensors); both give the same weights bit for bit. The file's sha256 is checked
-    against manifest.json first; a mismatch raises ``ValueError`` naming the file.
-    """
-    if source not in SOURCE_FILES:
-        raise ValueError(f"source must be one of {', '.join(SOURCE_FILES)}, got {source!r}")
-    manifest = read_manifest(out_dir)
-    name = SOURCE_FILES[source]
-    data = read_verified(out_dir, name, manifest)
-    state = decode_sparse(data, name) if source == "sparse" else _load_safetensors(data, name)
-    info = manifest["model_info"]
-    model = create_model(
-        info["architecture"],
-        input_shape=tuple(info["input_shape"]),
-        num_classes=int(info["num_classes"]),
-        mean=tuple(info["mean"]),
-        std=tuple(info["std"]),
-    )
-    model.load_state_dict(state, strict=True)
-    return model.eval()

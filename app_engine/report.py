@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from app_common.events import MegabatchMetrics
-from app_engine.export import write_atomic
+from app_engine.files import write_atomic
 
 logger = logging.getLogger(__name__)
 

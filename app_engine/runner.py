@@ -37,9 +37,10 @@ from app_common.events import (
     RunStarted,
 )
 from app_common.spec import JobSpec
-from app_engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from app_engine.checkpoint import load_checkpoint, save_checkpoint
 from app_engine.data import Dataset, load_dataset
 from app_engine.export import export_artifacts
+from app_engine.files import atomic_write_json
 from app_engine.models import create_model, prunable_parameters
 from app_engine.pruning import Masks, prune
 from app_engine.schedule import density_schedule
@@ -118,7 +119,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     idx = idx.to(x.device)
     return [(x[idx[i : i + batch_size]], y[idx[i : i + batch_size]]) for i in range(0, len(idx), batch_size)]
 
