@@ -15,7 +15,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from anytime_prune.engine_cli import ConsoleProgress, add_spec_flags, build_spec, megabatch_table, spec_dict_from_args
-from app_common.events import EVENT_TYPES, STATUSES, event_from_dict
+from app_common.events import (
+    EVENT_TYPES,
+    STATUSES,
+    MegabatchMetrics,
+    RunStarted,
+    StatusChanged,
+    event_from_dict,
+)
 
 if TYPE_CHECKING:
     from anytime_prune.client import ApiError, Client, JobEvent
@@ -104,9 +111,16 @@ class EventProgress:
         if self.json_lines:
             print(json.dumps({"id": event.id, **event.data}), flush=True)
             return
-        if event.type == "status_changed":
-            reason = event.data.get("reason")
-            line = f"{self.label}status: {event.data.get('status')}" + (f" ({reason})" if reason else "")
+        if event.type not in EVENT_TYPES:
+            return
+        try:
+            # The SSE event name is the type; the data carries the fields.
+            typed = event_from_dict({**event.data, "type": event.type})
+        except (TypeError, ValueError):
+            log.debug("unreadable event %s: %s", event.type, event.data)
+            return
+        if isinstance(typed, StatusChanged):
+            line = f"{self.label}status: {typed.status}" + (f" ({typed.reason})" if typed.reason else "")
             if self.console is not None and self.console.bar is not None:
                 self.console.bar.write(line)
             else:
@@ -114,19 +128,12 @@ class EventProgress:
             if event.terminal_status:
                 self.close()
             return
-        if event.type not in EVENT_TYPES:
-            return
-        try:
-            engine_event = event_from_dict(event.data)
-        except (TypeError, ValueError):
-            log.debug("unreadable event %s: %s", event.type, event.data)
-            return
-        if event.type == "run_started":
+        if isinstance(typed, RunStarted):
             # A resumed job starts again: a fresh bar continues from the megabatches already done.
             self.close()
             self.console = ConsoleProgress(self.label)
         if self.console is not None:
-            self.console(engine_event)
+            self.console(typed)
 
     def close(self) -> None:
         if self.console is not None and self.console.bar is not None:
@@ -174,6 +181,19 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     return exit_for(final)
 
 
+def latest_metrics(job: dict[str, Any]) -> MegabatchMetrics | None:
+    """The job's last per-megabatch metrics, or None before the first megabatch ends (or when a
+    record written by another version lacks a field)."""
+    raw = job.get("latest_metrics")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return MegabatchMetrics.from_dict(raw)
+    except TypeError:
+        log.debug("unreadable latest_metrics of job %s: %s", job.get("id"), raw)
+        return None
+
+
 def cmd_status(args: argparse.Namespace, client: Client) -> int:
     job = client.status(args.job_id)
     if args.json:
@@ -187,10 +207,9 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
           f"{spec.get('stream', {}).get('megabatches')} megabatches x {spec.get('training', {}).get('epochs')} epochs")
     print(f"progress  megabatch {p.get('megabatch')}/{p.get('megabatches')}, epoch {p.get('epoch')}/{p.get('epochs')} "
           f"({100 * float(p.get('fraction') or 0):.0f} %)")
-    m = job.get("latest_metrics")
-    if m:
-        acc, density = m.get("test_accuracy", float("nan")), m.get("density", float("nan"))
-        print(f"latest    test accuracy {acc:.4f}, density {density:.4f}")
+    m = latest_metrics(job)
+    if m is not None:
+        print(f"latest    test accuracy {m.test_accuracy:.4f}, density {m.density:.4f}")
     print(f"created   {job['created_at']}; finished {job.get('finished_at') or '-'}")
     if job.get("artifacts"):
         print("artifacts " + ", ".join(a["name"] for a in job["artifacts"]))
@@ -217,9 +236,9 @@ def cmd_list(args: argparse.Namespace, client: Client) -> int:
         spec = job.get("spec") or {}
         what = f"{spec.get('dataset', {}).get('name')}/{spec.get('architecture')}/{spec.get('method')}"
         fraction = float((job.get("progress") or {}).get("fraction") or 0)
-        acc = (job.get("latest_metrics") or {}).get("test_accuracy")
+        m = latest_metrics(job)
         print(f"{job['id']:<32}  {job['status']:<10} {job['created_at']:<24} {what:<28} {100 * fraction:>7.0f}% "
-              f"{'-' if acc is None else format(acc, '.4f'):>8}")
+              f"{'-' if m is None else format(m.test_accuracy, '.4f'):>8}")
     return EXIT_OK
 
 

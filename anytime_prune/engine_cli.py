@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from anytime_prune.spec_flags import FIELD_FLAGS, SPEC_FLAGS, comma_list
+from app_common.events import EpochEnded, Event, MegabatchEnded, MegabatchMetrics, RunEnded, RunStarted
 from app_common.spec import JobSpec, SpecError
 
 log = logging.getLogger("anytime_prune")
@@ -93,9 +94,8 @@ class ConsoleProgress:
         self.label = label
         self.bar: Any = None
 
-    def __call__(self, event: Any) -> None:
-        kind = event.type
-        if kind == "run_started":
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
             total = event.megabatches * event.epochs
             done = event.resumed_after * event.epochs
             if event.resumed_after:
@@ -107,34 +107,39 @@ class ConsoleProgress:
 
                 self.bar = tqdm(total=total, initial=done, desc=self.label.strip() or "epochs", unit="ep",
                                 file=self.stream, dynamic_ncols=True)
-        elif kind == "epoch_ended":
+        elif isinstance(event, EpochEnded):
             if self.bar is not None:
                 self.bar.update(1)
                 self.bar.set_postfix(mb=f"{event.megabatch}", val=f"{event.val_accuracy:.3f}")
             else:
                 log.debug("megabatch %d epoch %d/%d: loss %.4f val %.4f", event.megabatch, event.epoch,
                           event.epochs, event.train_loss, event.val_accuracy)
-        elif kind == "megabatch_ended" and self.megabatch_lines:
+        elif isinstance(event, MegabatchEnded) and self.megabatch_lines:
             m = event.metrics
-            line = (f"{self.label}megabatch {m['index']}/{event.megabatches}: test acc {m['test_accuracy']:.4f}, "
-                    f"density {m['density']:.4f}, gap {m['generalization_gap']:+.2f} pp")
+            line = (f"{self.label}megabatch {m.index}/{event.megabatches}: test acc {m.test_accuracy:.4f}, "
+                    f"density {m.density:.4f}, gap {m.generalization_gap:+.2f} pp")
             if self.bar is not None:
                 self.bar.write(line)
             else:
                 log.info("%s", line)
-        elif kind == "run_ended" and self.bar is not None:
+        elif isinstance(event, RunEnded) and self.bar is not None:
             self.bar.close()
+
+
+def megabatch_metrics(result: dict[str, Any]) -> list[MegabatchMetrics]:
+    """The per-megabatch metrics of a result.json (or of a job's ``result``)."""
+    return [MegabatchMetrics.from_dict(m) for m in result["megabatches"]]
 
 
 def megabatch_table(result: dict[str, Any]) -> str:
     head = (f"{'mb':>3} {'density':>8} {'target':>8} {'test acc':>9} {'errors':>7} {'val acc':>8} "
             f"{'train acc':>9} {'gap pp':>7} {'img/s':>8}")
     rows = [head, "-" * len(head)]
-    for m in result["megabatches"]:
+    for m in megabatch_metrics(result):
         rows.append(
-            f"{m['index']:>3} {m['density']:>8.4f} {m['target_density']:>8.4f} {m['test_accuracy']:>9.4f} "
-            f"{m['test_errors']:>7d} {m['val_accuracy']:>8.4f} {m['train_accuracy']:>9.4f} "
-            f"{m['generalization_gap']:>7.2f} {m['images_per_s']:>8.0f}"
+            f"{m.index:>3} {m.density:>8.4f} {m.target_density:>8.4f} {m.test_accuracy:>9.4f} "
+            f"{m.test_errors:>7d} {m.val_accuracy:>8.4f} {m.train_accuracy:>9.4f} "
+            f"{m.generalization_gap:>7.2f} {m.images_per_s:>8.0f}"
         )
     fta = result["final_test_accuracy"]
     rows.append(
@@ -142,6 +147,7 @@ def megabatch_table(result: dict[str, Any]) -> str:
         f"{fta if fta is None else format(fta, '.4f')}; final density {result['final_density']:.4f}"
     )
     return "\n".join(rows)
+
 
 
 @contextlib.contextmanager
@@ -161,7 +167,8 @@ def _logs_above_the_bar() -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    return logging_redirect_tqdm()
+    redirect: contextlib.AbstractContextManager[Any] = logging_redirect_tqdm()
+    return redirect
 
 
 def _importable(module: str) -> bool:
@@ -220,7 +227,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 rows.append({"megabatches": n, "method": method, "seed": seed,
                              "final_test_accuracy": r["final_test_accuracy"], "cer": r["cer"],
                              "cer_normalized": r["cer_normalized"],
-                             "generalization_gap": r["megabatches"][-1]["generalization_gap"],
+                             "generalization_gap": megabatch_metrics(r)[-1].generalization_gap,
                              "final_density": r["final_density"]})
         plot_compare(runs, out / f"compare-N{n}.png")
     summary = summarise(rows)

@@ -53,7 +53,7 @@ class SpecFlag:
                                help=self.help)
         else:
             metavar = "A,B,..." if self.kind == "list" else None
-            group.add_argument(self.option, dest=self.dest, type=self.type, default=None, metavar=metavar,
+            group.add_argument(self.option, dest=self.dest, type=self.type or str, default=None, metavar=metavar,
                                help=self.help)
 
 

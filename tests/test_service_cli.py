@@ -4,12 +4,23 @@ verbs exist with their flags, and the name lists agree with the settings and the
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 
 from anytime_prune.cli import build_parser
+from anytime_prune.client import JobEvent
+from anytime_prune.client_cli import EventProgress, latest_metrics
+from anytime_prune.engine_cli import megabatch_table
 from anytime_prune.serve_cli import QUEUES
-from app_common.events import STATUSES
+from app_common.events import (
+    STATUSES,
+    MegabatchEnded,
+    MegabatchMetrics,
+    RunStarted,
+    StatusChanged,
+    event_to_dict,
+)
 from app_common.settings import QUEUE_NAMES
 
 
@@ -36,3 +47,44 @@ def test_list_accepts_every_job_status(status: str) -> None:
     assert build_parser().parse_args(["list", "--status", status]).status == status
     with pytest.raises(SystemExit):
         build_parser().parse_args(["list", "--status", "sleeping"])
+
+
+# --- the client verbs read typed metrics --------------------------------------------------------
+
+
+def metrics(index: int, acc: float) -> MegabatchMetrics:
+    return MegabatchMetrics(
+        index=index, train_samples=100, val_samples=10, target_density=0.8, density=0.8, layer_density={"w": 0.8},
+        nonzero_params=80, prunable_params=100, test_accuracy=acc, test_errors=3, test_total=10, val_accuracy=0.7,
+        train_accuracy=0.9, generalization_gap=20.0, generalization_gap_last=21.0, selected_epoch=1, train_loss=0.3,
+        wall_time_s=1.0, train_time_s=0.8, images_per_s=125.0, epochs=1,
+    )
+
+
+def test_event_progress_shows_status_and_megabatch_lines(caplog: pytest.LogCaptureFixture) -> None:
+    wire = [
+        ("1-0", StatusChanged("running")),
+        ("2-0", RunStarted(megabatches=2, epochs=1)),
+        ("3-0", MegabatchEnded(megabatch=1, megabatches=2, metrics=metrics(1, 0.6543))),
+        ("4-0", StatusChanged("failed", reason="boom")),
+    ]
+    progress = EventProgress("[j] ")
+    with caplog.at_level(logging.INFO, logger="anytime_prune"):
+        for sse_id, event in wire:
+            progress(JobEvent(sse_id, event.type, event_to_dict(event)))
+        progress(JobEvent("5-0", "megabatch_ended", {"metrics": {"index": 1}}))  # unreadable: skipped
+        progress(JobEvent("6-0", "something_new", {"x": 1}))  # a newer server's event: skipped
+    assert caplog.messages[0] == "[j] status: running"
+    assert "[j] megabatch 1/2: test acc 0.6543, density 0.8000, gap +20.00 pp" in caplog.messages
+    assert caplog.messages[-1] == "[j] status: failed (boom)"
+
+
+def test_status_table_and_list_read_metrics_through_the_type() -> None:
+    assert latest_metrics({"latest_metrics": {**metrics(2, 0.5).to_dict(), "megabatch": 2}}) == metrics(2, 0.5)
+    assert latest_metrics({"latest_metrics": None}) is None
+    assert latest_metrics({"id": "x", "latest_metrics": {"test_accuracy": 0.5}}) is None  # an incomplete record
+    result = {"megabatches": [metrics(1, 0.5).to_dict(), metrics(2, 0.75).to_dict()], "cer": 6,
+              "cer_normalized": 0.3, "final_test_accuracy": 0.75, "final_density": 0.8}
+    table = megabatch_table(result).splitlines()
+    assert table[2].split()[:4] == ["1", "0.8000", "0.8000", "0.5000"]
+    assert table[3].split()[3] == "0.7500" and table[-1].startswith("CER 6 errors")
