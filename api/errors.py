@@ -8,7 +8,6 @@ is a 503 with ``Retry-After``; nothing a client sends can produce a 5xx other th
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -19,14 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.schemas import FieldErrorOut, Problem
+from api.schemas import Problem
+from app_common.spec import FieldError, field_errors
 
 log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 # Seconds a client should wait before retrying when Redis is unreachable.
 RETRY_AFTER_S = 2
-_DOTTED = re.compile(r"\b([a-z_]+(?:\.[a-z_]+)+)\b")
 
 
 class ProblemResponse(JSONResponse):
@@ -42,7 +41,7 @@ class ApiProblem(Exception):
         detail: str,
         *,
         slug: str | None = None,
-        errors: Sequence[FieldErrorOut] = (),
+        errors: Sequence[FieldError] = (),
         headers: dict[str, str] | None = None,
     ):
         super().__init__(detail)
@@ -63,7 +62,7 @@ def problem_response(
     detail: str,
     *,
     slug: str | None = None,
-    errors: Iterable[FieldErrorOut] = (),
+    errors: Iterable[FieldError] = (),
     headers: dict[str, str] | None = None,
 ) -> ProblemResponse:
     body = Problem(
@@ -76,50 +75,9 @@ def problem_response(
     return ProblemResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-def validation_problem(errors: Sequence[FieldErrorOut], detail: str | None = None) -> ApiProblem:
+def validation_problem(errors: Sequence[FieldError], detail: str | None = None) -> ApiProblem:
     fields = ", ".join(e.field for e in errors)
     return ApiProblem(422, detail or f"invalid request: {fields}", slug="validation-error", errors=errors)
-
-
-def _field_name(loc: Sequence[Any], message: str, kind: str) -> str:
-    """Dotted field name of a pydantic error location.
-
-    ``("body", "sparsity", "target")`` -> ``sparsity.target``; ``("query", "limit")`` -> ``limit``;
-    a JSON syntax error ``("body", 12)`` -> ``body``. A model-level validator reports on the model
-    (``("body", "sparsity")``) with a message naming the field ("give either sparsity.target or
-    sparsity.tau"): the first dotted name in the message below the model is the better answer.
-    """
-    if not loc or kind == "json_invalid":
-        return "body"
-    where, rest = str(loc[0]), [str(p) for p in loc[1:]]
-    if where == "header" and rest and rest[0].lower().replace("_", "-") == "idempotency-key":
-        return "Idempotency-Key"
-    dotted = ".".join(rest)
-    if where != "body":
-        return dotted or where
-    for candidate in _DOTTED.findall(message):
-        if not dotted or candidate.startswith(dotted + "."):
-            return candidate
-    return dotted or "body"
-
-
-def _reason(err: dict[str, Any]) -> str:
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if err.get("type") == "json_invalid":
-        ctx = err.get("ctx") or {}
-        return f"malformed JSON: {ctx.get('error', msg)}"
-    if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
-        return "a JSON object is required"
-    return msg
-
-
-def request_validation_errors(exc: RequestValidationError) -> list[FieldErrorOut]:
-    out = []
-    for err in exc.errors():
-        loc = tuple(err.get("loc", ()))
-        field = _field_name(loc, str(err.get("msg", "")), str(err.get("type", "")))
-        out.append(FieldErrorOut(field=field, reason=_reason(err)))
-    return out
 
 
 async def _on_api_problem(request: Request, exc: Exception) -> ProblemResponse:
@@ -131,7 +89,7 @@ async def _on_api_problem(request: Request, exc: Exception) -> ProblemResponse:
 async def _on_validation(request: Request, exc: Exception) -> ProblemResponse:
     if not isinstance(exc, RequestValidationError):  # registered for this class only
         raise exc
-    problem = validation_problem(request_validation_errors(exc))
+    problem = validation_problem(field_errors(exc.errors(), request=True))
     return problem_response(422, problem.detail, slug=problem.slug, errors=problem.errors)
 
 
@@ -141,7 +99,7 @@ async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
     headers = dict(exc.headers or {})
     if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
         # FastAPI's answer for bodies json cannot decode (invalid UTF-8, nesting too deep).
-        errors = [FieldErrorOut(field="body", reason="malformed JSON")]
+        errors = [FieldError(field="body", reason="malformed JSON")]
         return problem_response(422, "malformed JSON body", slug="validation-error", errors=errors)
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     if exc.status_code == 404 and detail == "Not Found":

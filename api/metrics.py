@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from app_common.events import TERMINAL_STATUSES
 from app_common.settings import Settings
-from app_common.store import JobStore, parse_time
+from app_common.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,12 @@ class ApiMetrics:
             for status, count in store.count_by_status().items():
                 self.jobs.labels(status).set(count)
             for queue in settings.queues:
-                # Celery's Redis transport keeps a queue as a list named after it.
-                self.queue_depth.labels(queue).set(store.redis.llen(f"{settings.celery_key_prefix}{queue}"))
+                self.queue_depth.labels(queue).set(store.celery_queue_length(queue, settings.celery_key_prefix))
             for status in sorted(TERMINAL_STATUSES):
                 fresh = sorted(store.job_ids_with_status(status) - self._observed)
                 for job in store.get_jobs(fresh):
-                    self._observed.add(job["id"])
-                    started, finished = parse_time(job["started_at"]), parse_time(job["finished_at"])
+                    self._observed.add(job.id)
+                    started, finished = job.started_at, job.finished_at
                     if started is not None and finished is not None:
                         self.job_duration.labels(status).observe(max(0.0, (finished - started).total_seconds()))
             self.store_up.set(1)

@@ -8,11 +8,9 @@ import logging
 from celery import Celery
 
 from app_common.settings import Settings
+from app_common.tasks import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
-
-TASK_NAME = "anytime_prune.run_job"
-
 
 def create_celery(settings: Settings) -> Celery:
     """A producer-side Celery app on the Redis broker: JSON only, no results, fail fast.
@@ -47,5 +45,5 @@ def create_celery(settings: Settings) -> Celery:
 def enqueue(celery_app: Celery, job_id: str, queue: str) -> None:
     """Put ``run_job(job_id)`` on ``queue``; raises (kombu OperationalError, redis errors) when the
     broker cannot take it."""
-    celery_app.send_task(TASK_NAME, args=[job_id], queue=queue)
+    celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
     log.info("job %s queued on %s", job_id, queue)

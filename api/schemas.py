@@ -5,24 +5,32 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from app_common.events import STATUSES
-from app_common.spec import JobSpec
+from app_common.jobs import ArtifactInfo, JobRecord, JobState, JobStatus, Progress
+from app_common.spec import FieldError, JobSpec
+
+__all__ = [
+    "ArtifactInfo",
+    "ArtifactPublic",
+    "Catalog",
+    "FieldError",
+    "Health",
+    "JobCreate",
+    "JobList",
+    "JobMetrics",
+    "JobPublic",
+    "JobStatus",
+    "JobUrls",
+    "Limits",
+    "Problem",
+    "Progress",
+]
 
 # The request body of POST /api/v1/jobs: the job spec itself.
 JobCreate = JobSpec
-
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
-if set(get_args(JobStatus)) != set(STATUSES):  # one list of statuses, checked at import
-    raise RuntimeError("api.schemas.JobStatus and app_common.events.STATUSES disagree")
-
-
-class FieldErrorOut(BaseModel):
-    field: str = Field(description="Dotted path of the bad field, e.g. sparsity.target.")
-    reason: str
 
 
 class Problem(BaseModel):
@@ -32,24 +40,7 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    errors: list[FieldErrorOut] = Field(default_factory=list)
-
-
-class Progress(BaseModel):
-    megabatch: int = Field(description="Megabatches done (or in progress), 1-based; 0 before the first.")
-    megabatches: int | None
-    epoch: int
-    epochs: int | None
-    fraction: float = Field(ge=0.0, le=1.0, description="Share of the whole run done.")
-
-
-class ArtifactInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str
-    format: str
-    bytes: int
-    sha256: str
+    errors: list[FieldError] = Field(default_factory=list)
 
 
 class ArtifactPublic(ArtifactInfo):
@@ -65,23 +56,15 @@ class JobUrls(BaseModel):
     cancel: str
 
 
-class JobPublic(BaseModel):
-    id: str
-    status: JobStatus
-    queue: str
-    spec: JobSpec
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
-    error: str | None
-    attempt: int
-    progress: Progress
-    latest_metrics: dict[str, Any] | None
-    result: dict[str, Any] | None
-    artifacts: list[ArtifactInfo]
-    cancel_requested: bool
+class JobPublic(JobState[JobSpec]):
+    """A job as its owner sees it: the stored record without the owner, with links."""
+
     urls: JobUrls
+
+    @classmethod
+    def from_record(cls, record: JobRecord, *, urls: JobUrls, artifacts: list[ArtifactInfo]) -> JobPublic:
+        fields: dict[str, Any] = {name: getattr(record, name) for name in JobState.model_fields}
+        return cls.model_validate(fields | {"spec": record.spec, "artifacts": artifacts, "urls": urls})
 
 
 class JobList(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 
 def sign(secret: str, job_id: str, name: str, expires: int) -> str:
@@ -28,8 +28,8 @@ def verify(secret: str, job_id: str, name: str, expires: int, sig: str, *, now: 
     return None
 
 
-def signed_path(secret: str, job_id: str, name: str, ttl_s: int, *, now: float | None = None) -> tuple[str, int]:
-    """(path with query string, expires) of a download link valid for ``ttl_s`` seconds."""
+def signed_query(secret: str, job_id: str, name: str, ttl_s: int, *, now: float | None = None) -> tuple[str, int]:
+    """(query string, expires) of a download link for ``name`` valid for ``ttl_s`` seconds; the
+    route that serves the file builds the path."""
     expires = int(time.time() if now is None else now) + ttl_s
-    query = urlencode({"expires": expires, "sig": sign(secret, job_id, name, expires)})
-    return f"/api/v1/artifacts/{job_id}/{quote(name)}?{query}", expires
+    return urlencode({"expires": expires, "sig": sign(secret, job_id, name, expires)}), expires

@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DatasetName = Literal["digits", "cifar10", "cifar100", "imagefolder", "npz", "synthetic"]
 ArchitectureName = Literal[
-    "mlp", "cnn_small", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50", "vgg16_bn"
+    "mlp", "cnn_small", "resnet20", "resnet20_a", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50", "vgg16_bn"
 ]
 MethodName = Literal["app", "osp", "dense"]
 PrunerName = Literal["snip", "magnitude", "random", "grasp", "synflow"]
@@ -29,7 +31,7 @@ PrecisionName = Literal["auto", "fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 ExportFormat = Literal["safetensors", "sparse", "onnx"]
 AugmentName = Literal["auto", "none", "crop", "crop_flip"]
-ScoreSource = Literal["current", "cumulative"]
+ScoreSource = Literal["current", "cumulative", "first"]
 
 # The same names as tuples, derived from the types above (one list each, in wire order).
 DATASETS: tuple[str, ...] = get_args(DatasetName)
@@ -105,7 +107,16 @@ class SparsitySpec(_Strict):
         0.2, gt=0.0, le=1.0, description="Share of a megabatch's size used to score weights."
     )
     score_source: ScoreSource = Field(
-        "current", description="Score on the current megabatch or on all data seen so far."
+        "current",
+        description="Samples the pruner scores on: 'current' (the first k of the current megabatch), "
+        "'cumulative' (a seeded sample of k of all data seen so far) or 'first' (the first k of megabatch 1 "
+        "at every pruning step, the reference's choice); k = score_fraction * megabatch size.",
+    )
+    score_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=65_536,
+        description="Batch size of the scoring passes (default: training.batch_size; the reference used 100).",
     )
 
     @model_validator(mode="after")
@@ -151,7 +162,21 @@ class TrainingSpec(_Strict):
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     warmup_epochs: int = Field(0, ge=0, le=1000)
     augment: AugmentName = Field("auto", description="auto: crop+flip for CIFAR and image folders, none otherwise.")
-    precision: PrecisionName = "auto"
+    precision: PrecisionName = Field(
+        "auto",
+        description="auto: bf16 autocast on CUDA GPUs with bf16 and on CPUs with native bf16 (AVX512-BF16 or AMX), "
+        "fp32 otherwise. Use fp32 to replicate the paper's numbers.",
+    )
+    momentum_carry: bool = Field(
+        False,
+        description="Keep the SGD momentum from one megabatch to the next, as the reference does "
+        "(default: a fresh optimizer each megabatch).",
+    )
+    decay_norms_and_biases: bool = Field(
+        False,
+        description="Apply weight decay to every parameter, as the reference does "
+        "(default: biases and normalisation parameters are exempt).",
+    )
     seed: int = Field(1, ge=0, le=2**31 - 1)
     device: DeviceName = "auto"
 
@@ -191,10 +216,11 @@ class JobSpec(_Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def fingerprint(self) -> str:
-        """A stable hash of the spec, used to refuse resuming a different run into a folder."""
+    def fingerprint(self, length: int = 16) -> str:
+        """A stable hash of the spec (hex, ``length`` digits of its sha256): the engine refuses to
+        resume a different run into a folder, the API matches Idempotency-Key retries with it."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
@@ -206,7 +232,9 @@ class JobSpec(_Strict):
 
 
 class FieldError(BaseModel):
-    field: str
+    """One bad field and why (listed by SpecError and by the API's problem documents)."""
+
+    field: str = Field(description="Dotted path of the bad field, e.g. sparsity.target.")
     reason: str
 
 
@@ -219,14 +247,55 @@ class SpecError(ValueError):
 
     @classmethod
     def from_validation(cls, exc: ValidationError) -> SpecError:
-        return cls(field_errors(exc))
+        return cls(field_errors(exc.errors()))
 
 
-def field_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[FieldError]:
-    """Flatten pydantic errors into dotted field names and readable reasons."""
+# Where a FastAPI request error happened: the first item of its location.
+_REQUEST_PARTS = frozenset({"body", "query", "path", "header", "cookie"})
+_DOTTED = re.compile(r"\b([a-z_]+(?:\.[a-z_]+)+)\b")
+
+
+def field_errors(errors: Iterable[Mapping[str, Any]], *, request: bool = False) -> list[FieldError]:
+    """Flatten pydantic errors (``ValidationError.errors()``) into dotted field names and reasons.
+
+    A spec's error at ``("sparsity", "target")`` is ``sparsity.target``; a model-level validator
+    reports on the model (``sparsity``) with a reason that names the field.
+
+    With ``request``, the locations are FastAPI's, starting with where in the request:
+    ``("body", "sparsity", "target")`` -> ``sparsity.target``; ``("query", "limit")`` -> ``limit``;
+    a JSON syntax error ``("body", 12)`` -> ``body``. A model-level error in the body names the
+    first dotted field in its message below the model ("give either sparsity.target or
+    sparsity.tau" -> ``sparsity.target``), which tells an API client which field to fix.
+    """
     out = []
-    for err in exc.errors():
-        loc = [str(p) for p in (*prefix, *err["loc"])]
-        # Model-level validators report on the model itself: keep the reason, which names the field.
-        out.append(FieldError(field=".".join(loc) or "body", reason=err["msg"].removeprefix("Value error, ")))
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        kind = str(err.get("type", ""))
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if request:
+            field = _request_field(loc, msg, kind)
+        else:
+            field = ".".join(str(p) for p in loc) or "body"
+        out.append(FieldError(field=field, reason=_reason(loc, msg, kind, err.get("ctx"))))
     return out
+
+
+def _request_field(loc: tuple[Any, ...], message: str, kind: str) -> str:
+    if not loc or kind == "json_invalid" or str(loc[0]) not in _REQUEST_PARTS:
+        return "body"
+    where, rest = str(loc[0]), [str(p) for p in loc[1:]]
+    dotted = ".".join(rest)
+    if where != "body":
+        return dotted or where
+    for candidate in _DOTTED.findall(message):
+        if not dotted or candidate.startswith(dotted + "."):
+            return str(candidate)
+    return dotted or "body"
+
+
+def _reason(loc: tuple[Any, ...], msg: str, kind: str, ctx: Any) -> str:
+    if kind == "json_invalid":
+        return f"malformed JSON: {(ctx or {}).get('error', msg)}"
+    if kind == "missing" and loc == ("body",):
+        return "a JSON object is required"
+    return msg

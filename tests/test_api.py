@@ -22,13 +22,17 @@ import anyio
 import httpx
 import pytest
 import redis
+from factories import epoch_ended, megabatch_ended
 
 from api.main import create_app
-from api.queue import TASK_NAME, create_celery
+from api.queue import create_celery
 from api.signing import sign
 from app_common import spec as S
+from app_common.events import EpochEnded, Pruned, RunStarted
+from app_common.jobs import ArtifactInfo
 from app_common.settings import Settings
 from app_common.store import JobStore
+from app_common.tasks import RUN_JOB_TASK
 
 pytestmark = pytest.mark.anyio
 
@@ -81,7 +85,7 @@ class Api:
         out = []
         for raw in self.store.redis.lrange(f"{self.settings.celery_key_prefix}{queue}", 0, -1):
             message = json.loads(raw)
-            assert message["headers"]["task"] == TASK_NAME
+            assert message["headers"]["task"] == RUN_JOB_TASK
             assert message["content-type"] == "application/json"
             args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
             assert kwargs == {}
@@ -203,7 +207,7 @@ async def test_submit_stores_and_queues(api: Api) -> None:
     assert job["progress"] == {"megabatch": 0, "megabatches": 2, "epoch": 0, "epochs": 3, "fraction": 0.0}
     assert api.queued_job_ids() == [job_id]
     stored = api.store.get_job(job_id)
-    assert stored["owner"] == api.owner_a and stored["status"] == "queued"
+    assert stored.owner == api.owner_a and stored.status == "queued"
     r = await api.client.get(f"/api/v1/jobs/{job_id}", headers=api.a)
     assert r.status_code == 200 and r.json() == job
 
@@ -237,7 +241,7 @@ async def test_auth_can_be_disabled(settings: Settings) -> None:
         job = await api.submit(headers={})
         r = await api.client.get("/api/v1/jobs")
         assert [j["id"] for j in r.json()["items"]] == [job["id"]]
-        assert api.store.get_job(job["id"])["owner"] == "anonymous"
+        assert api.store.get_job(job["id"]).owner == "anonymous"
 
 
 async def test_other_keys_jobs_are_404_everywhere(api: Api) -> None:
@@ -257,7 +261,7 @@ async def test_other_keys_jobs_are_404_everywhere(api: Api) -> None:
     ]:
         assert_problem(await c.request(method, path, headers=b), 404)
     assert (await c.get("/api/v1/jobs", headers=b)).json() == {"items": [], "next_cursor": None}
-    assert api.store.get_job(job_id)["status"] == "succeeded"  # B's DELETE did nothing
+    assert api.store.get_job(job_id).status == "succeeded"  # B's DELETE did nothing
 
 
 # --- idempotency and limits ---------------------------------------------------------------------------
@@ -302,8 +306,8 @@ async def test_enqueue_failure_marks_job_failed(api: Api, settings: Settings) ->
     assert_problem(r, 503)
     assert r.headers["retry-after"]
     jobs, _ = api.store.list_jobs(api.owner_a)
-    assert [j["status"] for j in jobs] == ["failed"]
-    assert jobs[0]["error"].startswith("could not be queued")
+    assert [j.status for j in jobs] == ["failed"]
+    assert jobs[0].error.startswith("could not be queued")
     assert api.store.count_active(api.owner_a) == 0
     app.state.celery.close()
     # The key was released: the retry (broker back) goes through.
@@ -328,7 +332,7 @@ async def test_list_newest_first_with_filter_and_cursor(settings: Settings) -> N
             if cursor is None:
                 break
         assert pages == 3 and sorted(seen) == sorted(ids) and len(seen) == 5
-        created = [api.store.get_job(i)["created_at"] for i in seen]
+        created = [api.store.get_job(i).created_at for i in seen]
         assert created == sorted(created, reverse=True)
         r = await api.client.get("/api/v1/jobs", params={"status": "cancelled"}, headers=api.a)
         assert sorted(j["id"] for j in r.json()["items"]) == sorted(ids[1:3])
@@ -367,8 +371,7 @@ async def test_delete_only_finished_jobs(api: Api) -> None:
     folder = api.settings.artifacts_dir / job_id
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"weights")
-    api.store.append_event(job_id, {"type": "pruned", "megabatch": 1, "target_density": 0.5, "density": 0.5,
-                                    "pruner": "snip"})
+    api.store.append_event(job_id, Pruned(megabatch=1, target_density=0.5, density=0.5, pruner="snip"))
     api.store.transition(job_id, "failed", reason="boom", allowed_from={"running"})
     r = await api.client.delete(f"/api/v1/jobs/{job_id}", headers=api.a)
     assert r.status_code == 204 and r.content == b""
@@ -379,9 +382,8 @@ async def test_delete_only_finished_jobs(api: Api) -> None:
 
 
 # --- metrics history and artifacts -----------------------------------------------------------------
-def epoch_event(m: int, e: int, loss: float) -> dict[str, Any]:
-    return {"type": "epoch_ended", "megabatch": m, "epoch": e, "epochs": 3, "lr": 0.1, "train_loss": loss,
-            "train_accuracy": 0.5, "val_accuracy": 0.4}
+def epoch_event(m: int, e: int, loss: float) -> EpochEnded:
+    return epoch_ended(m, e, epochs=3, loss=loss)
 
 
 async def test_metrics_history(api: Api) -> None:
@@ -390,8 +392,7 @@ async def test_metrics_history(api: Api) -> None:
     for m in (1, 2):
         for e in (1, 2, 3):
             api.store.append_event(job_id, epoch_event(m, e, loss=1.0 / (m * e)))
-        api.store.append_event(job_id, {"type": "megabatch_ended", "megabatch": m, "megabatches": 2,
-                                        "metrics": {"test_accuracy": 0.5 + 0.1 * m, "density": 0.8 ** m}})
+        api.store.append_event(job_id, megabatch_ended(m, 2, test_accuracy=0.5 + 0.1 * m, density=0.8**m))
     r = await api.client.get(f"/api/v1/jobs/{job_id}/metrics", headers=api.a)
     assert r.status_code == 200
     body = r.json()
@@ -412,7 +413,7 @@ async def finished_job_with_artifacts(api: Api) -> tuple[str, dict[str, bytes]]:
         (folder / name).write_bytes(data)
     (folder / "not-listed.txt").write_bytes(b"private")
     listed = [
-        {"name": name, "format": name.rsplit(".", 1)[1], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        ArtifactInfo(name=name, format=name.rsplit(".", 1)[1], bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         for name, data in files.items()
     ]
     api.store.transition(job_id, "running", allowed_from={"queued"})
@@ -494,7 +495,7 @@ async def test_events_in_order_then_end(api: Api) -> None:
     job_id = (await api.submit())["id"]
     store = api.store
     store.transition(job_id, "running", allowed_from={"queued"})
-    store.append_event(job_id, {"type": "run_started", "megabatches": 2, "epochs": 3})
+    store.append_event(job_id, RunStarted(megabatches=2, epochs=3))
     for e in (1, 2, 3):
         store.append_event(job_id, epoch_event(1, e, loss=1.0 / e))
     store.transition(job_id, "succeeded", allowed_from={"running"})

@@ -10,14 +10,16 @@ import time
 
 import pytest
 import redis
+from factories import epoch_ended, megabatch_ended, stored_metrics
 
+from app_common.events import MegabatchEnded, Pruned, RunStarted
+from app_common.jobs import ArtifactInfo, Progress
 from app_common.store import (
     InvalidCursor,
     JobNotFound,
     JobStore,
     TooManyActiveJobs,
     make_redis,
-    parse_time,
 )
 
 SPEC = {"dataset": {"name": "digits"}, "stream": {"megabatches": 4}, "training": {"epochs": 5}}
@@ -27,34 +29,28 @@ def keys_of(store: JobStore) -> set[str]:
     return set(store.redis.scan_iter(match=f"{store.prefix}:*"))
 
 
-def epoch_event(m: int, e: int, epochs: int = 5, loss: float = 1.0) -> dict:
-    return {
-        "type": "epoch_ended",
-        "megabatch": m,
-        "epoch": e,
-        "epochs": epochs,
-        "lr": 0.1,
-        "train_loss": loss,
-        "train_accuracy": 0.5,
-        "val_accuracy": 0.4,
-    }
+epoch_event = epoch_ended
 
 
-def megabatch_event(m: int, acc: float, total: int = 4) -> dict:
-    return {"type": "megabatch_ended", "megabatch": m, "megabatches": total, "metrics": {"test_accuracy": acc}}
+def megabatch_event(m: int, acc: float, total: int = 4) -> MegabatchEnded:
+    return megabatch_ended(m, total, test_accuracy=acc)
+
+
+def pruned(m: int) -> Pruned:
+    return Pruned(megabatch=m, target_density=0.5, density=0.5, pruner="snip")
 
 
 def test_create_and_get(store: JobStore) -> None:
     job = store.create_job("key_a", SPEC, queue="cpu")
-    assert len(job["id"]) == 32
-    got = store.get_job(job["id"])
+    assert len(job.id) == 32
+    got = store.get_job(job.id)
     assert got == job
-    assert got["status"] == "queued"
-    assert got["owner"] == "key_a" and got["queue"] == "cpu" and got["spec"] == SPEC
-    assert got["progress"] == {"megabatch": 0, "megabatches": 4, "epoch": 0, "epochs": 5, "fraction": 0.0}
-    assert got["attempt"] == 0 and got["artifacts"] == [] and got["cancel_requested"] is False
-    assert got["started_at"] is None and got["finished_at"] is None
-    assert parse_time(got["created_at"]) == parse_time(got["updated_at"])
+    assert got.status == "queued"
+    assert got.owner == "key_a" and got.queue == "cpu" and got.spec == SPEC
+    assert got.progress == Progress(megabatch=0, megabatches=4, epoch=0, epochs=5, fraction=0.0)
+    assert got.attempt == 0 and got.artifacts == [] and got.cancel_requested is False
+    assert got.started_at is None and got.finished_at is None
+    assert got.created_at == got.updated_at
     assert store.count_by_status()["queued"] == 1
 
 
@@ -62,7 +58,7 @@ def test_create_and_get(store: JobStore) -> None:
 def test_ids_that_are_not_jobs(store: JobStore, bad: str) -> None:
     assert store.get_job(bad) is None
     assert store.request_cancel(bad) is None
-    assert store.append_event(bad, {"type": "pruned"}) is None
+    assert store.append_event(bad, pruned(1)) is None
     assert store.read_events(bad) == []
     assert store.delete_job(bad) is False
     assert store.transition(bad, "running", allowed_from={"queued"}) is False
@@ -78,19 +74,19 @@ def test_store_needs_decoded_responses(redis_url: str) -> None:
 
 
 def test_list_newest_first_with_cursor_and_filter(store: JobStore) -> None:
-    ids = [store.create_job("key_a", SPEC, queue="cpu")["id"] for _ in range(7)]
+    ids = [store.create_job("key_a", SPEC, queue="cpu").id for _ in range(7)]
     store.create_job("key_b", SPEC, queue="cpu")
     # Several jobs share a millisecond here; the (score, id) cursor must still page exactly.
     pages, cursor = [], None
     while True:
         page, cursor = store.list_jobs("key_a", limit=3, cursor=cursor)
-        pages.append([j["id"] for j in page])
+        pages.append([j.id for j in page])
         if cursor is None:
             break
     assert [len(p) for p in pages] == [3, 3, 1]
     flat = [i for p in pages for i in p]
     assert sorted(flat) == sorted(ids)
-    created = [store.get_job(i)["created_at"] for i in flat]
+    created = [store.get_job(i).created_at for i in flat]
     assert created == sorted(created, reverse=True)
     # Equal scores are ordered by id (descending) so the order is total.
     expected = [m for m in store.redis.zrevrange(f"{store.prefix}:owner:key_a:jobs", 0, -1)]
@@ -100,9 +96,9 @@ def test_list_newest_first_with_cursor_and_filter(store: JobStore) -> None:
     store.transition(ids[5], "running", allowed_from={"queued"})
     newer, older = [i for i in expected if i in (ids[2], ids[5])]
     running, nxt = store.list_jobs("key_a", status="running", limit=1)
-    assert [j["id"] for j in running] == [newer] and nxt is not None
+    assert [j.id for j in running] == [newer] and nxt is not None
     running2, nxt2 = store.list_jobs("key_a", status="running", limit=1, cursor=nxt)
-    assert [j["id"] for j in running2] == [older] and nxt2 is None
+    assert [j.id for j in running2] == [older] and nxt2 is None
     assert store.list_jobs("key_a", status="succeeded") == ([], None)
     assert store.list_jobs("key_c") == ([], None)
     exact, last = store.list_jobs("key_b", limit=1)
@@ -124,20 +120,21 @@ def test_unknown_status_filter(store: JobStore) -> None:
 
 
 def test_lifecycle_transitions_and_events(store: JobStore) -> None:
-    job_id = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    job_id = store.create_job("key_a", SPEC, queue="cpu").id
     assert store.transition(job_id, "succeeded", allowed_from={"running"}) is False
     assert store.transition(job_id, "running", allowed_from={"queued"}) is True
     running = store.get_job(job_id)
-    assert running["status"] == "running" and running["started_at"] is not None
+    assert running.status == "running" and running.started_at is not None
     assert store.running_jobs() == [job_id]
     assert store.transition(job_id, "running", allowed_from={"queued"}) is False  # second delivery
     assert store.transition(job_id, "failed", reason="out of memory", allowed_from={"running"}) is True
     failed = store.get_job(job_id)
-    assert failed["status"] == "failed" and failed["error"] == "out of memory"
-    assert parse_time(failed["finished_at"]) >= parse_time(failed["started_at"])
+    assert failed.status == "failed" and failed.error == "out of memory"
+    assert failed.finished_at is not None and failed.started_at is not None
+    assert failed.finished_at >= failed.started_at
     # Terminal statuses never change, whatever the caller allows.
     assert store.transition(job_id, "running", allowed_from={"failed", "queued"}) is False
-    assert store.get_job(job_id)["status"] == "failed"
+    assert store.get_job(job_id).status == "failed"
     events = store.read_events(job_id)
     assert [e["status"] for _, e in events] == ["running", "failed"]
     assert events[1][1] == {"type": "status_changed", "status": "failed", "reason": "out of memory"}
@@ -150,7 +147,7 @@ def test_lifecycle_transitions_and_events(store: JobStore) -> None:
 
 
 def test_transition_is_atomic_under_races(store: JobStore) -> None:
-    job_id = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    job_id = store.create_job("key_a", SPEC, queue="cpu").id
     wins: list[bool] = []
 
     def deliver() -> None:
@@ -166,40 +163,40 @@ def test_transition_is_atomic_under_races(store: JobStore) -> None:
 
 
 def test_cancel(store: JobStore) -> None:
-    queued = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    queued = store.create_job("key_a", SPEC, queue="cpu").id
     record = store.request_cancel(queued)
-    assert record["status"] == "cancelled" and record["cancel_requested"] is True
-    assert record["finished_at"] is not None
+    assert record.status == "cancelled" and record.cancel_requested is True
+    assert record.finished_at is not None
 
-    running = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    running = store.create_job("key_a", SPEC, queue="cpu").id
     store.transition(running, "running", allowed_from={"queued"})
     record = store.request_cancel(running)
-    assert record["status"] == "cancelling" and record["cancel_requested"] is True
+    assert record.status == "cancelling" and record.cancel_requested is True
     assert running in store.running_jobs()
     assert store.count_active("key_a") == 1
     assert store.transition(running, "cancelled", reason="stopped", allowed_from={"cancelling", "running"})
     assert store.count_active("key_a") == 0
     record = store.request_cancel(running)  # terminal: unchanged
-    assert record["status"] == "cancelled" and record["error"] is None
+    assert record.status == "cancelled" and record.error is None
     types = [e["status"] for _, e in store.read_events(running)]
     assert types == ["running", "cancelling", "cancelled"]
     assert store.request_cancel("f" * 32) is None
 
 
 def test_events_progress_and_history(store: JobStore) -> None:
-    job_id = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    job_id = store.create_job("key_a", SPEC, queue="cpu").id
     store.transition(job_id, "running", allowed_from={"queued"})
-    start = store.append_event(job_id, {"type": "run_started", "megabatches": 4, "epochs": 5, "resumed_after": 1})
-    assert store.get_job(job_id)["progress"]["fraction"] == 0.25
+    start = store.append_event(job_id, RunStarted(megabatches=4, epochs=5, resumed_after=1))
+    assert store.get_job(job_id).progress.fraction == 0.25
     ids = [start]
     # Epoch 10 after epoch 9: the history must sort numerically, not as strings.
     for e in (1, 2):
         ids.append(store.append_event(job_id, epoch_event(2, e)))
-    progress = store.get_job(job_id)["progress"]
-    assert progress == {"megabatch": 2, "megabatches": 4, "epoch": 2, "epochs": 5, "fraction": 0.35}
+    progress = store.get_job(job_id).progress
+    assert progress == Progress(megabatch=2, megabatches=4, epoch=2, epochs=5, fraction=0.35)
     ids.append(store.append_event(job_id, megabatch_event(2, 0.9)))
     job = store.get_job(job_id)
-    assert job["progress"]["fraction"] == 0.5 and job["latest_metrics"] == {"test_accuracy": 0.9, "megabatch": 2}
+    assert job.progress.fraction == 0.5 and job.latest_metrics == stored_metrics(2, test_accuracy=0.9)
     # A redelivered job replays megabatch 2: dropped, first write wins.
     assert store.append_event(job_id, megabatch_event(2, 0.1)) is None
     ids.append(store.append_event(job_id, megabatch_event(1, 0.8)))
@@ -224,15 +221,15 @@ def test_events_progress_and_history(store: JobStore) -> None:
     assert "type" not in hist["epochs"][0]
     assert store.history("0" * 32) == {"megabatches": [], "epochs": []}
     with pytest.raises(ValueError):
-        store.append_event(job_id, {"megabatch": 1})
+        store.append_event(job_id, {"megabatch": 1})  # type: ignore[arg-type]
 
 
 def test_read_events_blocks_until_timeout_or_entry(store: JobStore) -> None:
-    job_id = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    job_id = store.create_job("key_a", SPEC, queue="cpu").id
     t0 = time.monotonic()
     assert store.read_events(job_id, block_ms=200) == []
     assert 0.15 < time.monotonic() - t0 < 2.0
-    timer = threading.Timer(0.1, store.append_event, args=(job_id, {"type": "pruned", "megabatch": 1}))
+    timer = threading.Timer(0.1, store.append_event, args=(job_id, pruned(1)))
     timer.start()
     got = store.read_events(job_id, block_ms=3000)
     timer.join()
@@ -241,23 +238,23 @@ def test_read_events_blocks_until_timeout_or_entry(store: JobStore) -> None:
 
 def test_event_stream_is_bounded(redis_client: redis.Redis, key_prefix: str) -> None:
     store = JobStore(redis_client, prefix=key_prefix, events_maxlen=100)
-    job_id = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    job_id = store.create_job("key_a", SPEC, queue="cpu").id
     for i in range(600):
-        store.append_event(job_id, {"type": "pruned", "megabatch": i})
+        store.append_event(job_id, pruned(i))
     length = redis_client.xlen(store.events_key(job_id))
     # MAXLEN ~ trims whole radix-tree nodes (100 entries by default): approximately 100.
     assert 100 <= length <= 300
 
 
 def test_events_for_deleted_job_are_dropped(store: JobStore) -> None:
-    job_id = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    job_id = store.create_job("key_a", SPEC, queue="cpu").id
     assert store.delete_job(job_id) is True
     assert store.append_event(job_id, epoch_event(1, 1)) is None
     assert keys_of(store) == set()
 
 
 def test_leases(store: JobStore) -> None:
-    job_id = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    job_id = store.create_job("key_a", SPEC, queue="cpu").id
     assert store.acquire_lease(job_id, "w1", 5) is True
     assert store.acquire_lease(job_id, "w2", 5) is False
     assert store.lease_alive(job_id)
@@ -274,12 +271,12 @@ def test_leases(store: JobStore) -> None:
 
 
 def test_attempts_and_result(store: JobStore) -> None:
-    job_id = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    job_id = store.create_job("key_a", SPEC, queue="cpu").id
     assert [store.next_attempt(job_id) for _ in range(3)] == [1, 2, 3]
-    artifacts = [{"name": "model.safetensors", "format": "safetensors", "bytes": 10, "sha256": "ab" * 32}]
+    artifacts = [ArtifactInfo(name="model.safetensors", format="safetensors", bytes=10, sha256="ab" * 32)]
     store.set_result(job_id, {"cer": 3, "final_test_accuracy": 0.91}, artifacts)
     job = store.get_job(job_id)
-    assert job["attempt"] == 3 and job["result"]["cer"] == 3 and job["artifacts"] == artifacts
+    assert job.attempt == 3 and job.result["cer"] == 3 and job.artifacts == artifacts
     missing = "e" * 32
     with pytest.raises(JobNotFound):
         store.next_attempt(missing)
@@ -294,8 +291,8 @@ def test_attempts_and_result(store: JobStore) -> None:
 
 
 def test_delete_removes_everything(store: JobStore) -> None:
-    keep = store.create_job("key_a", SPEC, queue="cpu")["id"]
-    job_id = store.create_job("key_a", SPEC, queue="cpu")["id"]
+    keep = store.create_job("key_a", SPEC, queue="cpu").id
+    job_id = store.create_job("key_a", SPEC, queue="cpu").id
     store.transition(job_id, "running", allowed_from={"queued"})
     store.acquire_lease(job_id, "w", 30)
     store.append_event(job_id, epoch_event(1, 1))
@@ -303,12 +300,12 @@ def test_delete_removes_everything(store: JobStore) -> None:
     assert store.delete_job(job_id) is True
     assert store.get_job(job_id) is None and store.delete_job(job_id) is False
     assert not any(job_id in k for k in keys_of(store))
-    assert [j["id"] for j in store.list_jobs("key_a")[0]] == [keep]
+    assert [j.id for j in store.list_jobs("key_a")[0]] == [keep]
     assert store.count_by_status()["running"] == 0 and store.count_active("key_a") == 1
 
 
 def test_active_job_limit(store: JobStore) -> None:
-    first = store.create_job("key_a", SPEC, queue="cpu", max_active=2)["id"]
+    first = store.create_job("key_a", SPEC, queue="cpu", max_active=2).id
     store.create_job("key_a", SPEC, queue="cpu", max_active=2)
     with pytest.raises(TooManyActiveJobs):
         store.create_job("key_a", SPEC, queue="cpu", max_active=2)
@@ -361,9 +358,9 @@ def test_unreachable_redis_fails_fast() -> None:
 
 def test_cancel_flag_is_read_without_the_whole_record(store: JobStore) -> None:
     job = store.create_job("key_a", {"training": {"epochs": 1}}, queue="cpu")
-    assert store.cancel_requested(job["id"]) is False
-    store.request_cancel(job["id"])
-    assert store.cancel_requested(job["id"]) is True
-    store.delete_job(job["id"])
-    assert store.cancel_requested(job["id"]) is None
+    assert store.cancel_requested(job.id) is False
+    store.request_cancel(job.id)
+    assert store.cancel_requested(job.id) is True
+    store.delete_job(job.id)
+    assert store.cancel_requested(job.id) is None
     assert store.cancel_requested("not-a-job-id") is None

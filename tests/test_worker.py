@@ -29,11 +29,13 @@ import pytest
 import redis
 from celery import Celery
 
+from app_common.jobs import JobRecord
 from app_common.settings import Settings
 from app_common.store import JobStore, make_redis
+from app_common.tasks import RUN_JOB_TASK
 from worker.celery_app import make_celery
 from worker.cli import run_worker, worker_argv
-from worker.job import OUTCOME_DUPLICATE, OUTCOME_SKIPPED, RUN_JOB_TASK, execute_job
+from worker.job import OUTCOME_DUPLICATE, OUTCOME_SKIPPED, execute_job
 from worker.lease import CANCEL_FORCED, LEASE_LOST, LeaseHeartbeat
 from worker.reaper import reap_orphans
 
@@ -83,9 +85,9 @@ def sha256_of(path: Path) -> str:
 
 def test_execute_job_runs_to_success(store: JobStore, settings: Settings) -> None:
     job = store.create_job("key_a", SPEC, queue="cpu")
-    assert execute_job(job["id"], store=store, settings=settings) == "succeeded"
+    assert execute_job(job.id, store=store, settings=settings) == "succeeded"
 
-    stream = events(store, job["id"])
+    stream = events(store, job.id)
     assert [e["type"] for e in stream] == [
         "status_changed",
         "run_started",
@@ -100,19 +102,19 @@ def test_execute_job_runs_to_success(store: JobStore, settings: Settings) -> Non
     # APP's schedule: density 0.8 after the first megabatch, the target 0.5 after the last.
     assert [round(e["density"], 3) for e in stream if e["type"] == "pruned"] == [0.8, 0.5]
 
-    record = store.get_job(job["id"])
+    record = store.get_job(job.id)
     assert record is not None
-    assert record["status"] == "succeeded" and record["error"] is None and record["attempt"] == 1
-    assert record["started_at"] is not None and record["finished_at"] is not None
-    assert record["progress"]["fraction"] == 1.0 and record["progress"]["megabatch"] == 2
-    result = record["result"]
+    assert record.status == "succeeded" and record.error is None and record.attempt == 1
+    assert record.started_at is not None and record.finished_at is not None
+    assert record.progress.fraction == 1.0 and record.progress.megabatch == 2
+    result = record.result
     assert result["status"] == "completed" and len(result["megabatches"]) == 2
     assert result["cer"] == sum(m["test_errors"] for m in result["megabatches"])
     assert result["final_test_accuracy"] > 0.5  # digits, 10 classes: far above chance
     assert abs(result["final_density"] - 0.5) < 0.01
-    assert record["latest_metrics"]["test_accuracy"] == result["final_test_accuracy"]
+    assert record.latest_metrics["test_accuracy"] == result["final_test_accuracy"]
 
-    history = store.history(job["id"])
+    history = store.history(job.id)
     assert [m["index"] for m in history["megabatches"]] == [1, 2]
     for stored, produced in zip(history["megabatches"], result["megabatches"], strict=True):
         for key in ("test_accuracy", "test_errors", "density", "val_accuracy"):
@@ -120,57 +122,57 @@ def test_execute_job_runs_to_success(store: JobStore, settings: Settings) -> Non
     assert [(e["megabatch"], e["epoch"]) for e in history["epochs"]] == [(1, 1), (2, 1)]
 
     # Every listed artifact is on disk with the size and sha256 the record gives.
-    out_dir = settings.artifacts_dir / job["id"]
-    names = {a["name"] for a in record["artifacts"]}
+    out_dir = settings.artifacts_dir / job.id
+    names = {a.name for a in record.artifacts}
     assert {"model.safetensors", "masks.safetensors", "model.sparse.safetensors", "manifest.json"} <= names
-    for artifact in record["artifacts"]:
-        path = out_dir / artifact["name"]
-        assert path.stat().st_size == artifact["bytes"]
-        assert sha256_of(path) == artifact["sha256"]
-        assert "path" not in artifact  # server paths stay on the server
+    for artifact in record.artifacts:
+        path = out_dir / artifact.name
+        assert path.stat().st_size == artifact.bytes
+        assert sha256_of(path) == artifact.sha256
+        assert "path" not in artifact.model_dump()  # server paths stay on the server
     assert json.loads((out_dir / "result.json").read_text())["cer"] == result["cer"]
-    assert not store.lease_alive(job["id"])
+    assert not store.lease_alive(job.id)
 
     # A late redelivery of the finished job does nothing.
-    assert execute_job(job["id"], store=store, settings=settings) == OUTCOME_SKIPPED
-    assert len(events(store, job["id"])) == len(stream)
+    assert execute_job(job.id, store=store, settings=settings) == OUTCOME_SKIPPED
+    assert len(events(store, job.id)) == len(stream)
 
 
 def test_duplicate_delivery_stands_down(store: JobStore, settings: Settings) -> None:
     job = store.create_job("key_a", SPEC, queue="cpu")
-    assert store.acquire_lease(job["id"], "other-worker", 60)
-    before = store.get_job(job["id"])
+    assert store.acquire_lease(job.id, "other-worker", 60)
+    before = store.get_job(job.id)
     started = time.monotonic()
-    assert execute_job(job["id"], store=store, settings=settings, lease_wait_s=0.5) == OUTCOME_DUPLICATE
+    assert execute_job(job.id, store=store, settings=settings, lease_wait_s=0.5) == OUTCOME_DUPLICATE
     assert time.monotonic() - started >= 0.5
-    assert store.get_job(job["id"]) == before  # status, attempt, timestamps untouched
-    assert events(store, job["id"]) == []
-    assert store.lease_alive(job["id"])  # the other worker's lease is left alone
+    assert store.get_job(job.id) == before  # status, attempt, timestamps untouched
+    assert events(store, job.id) == []
+    assert store.lease_alive(job.id)  # the other worker's lease is left alone
 
 
 def test_lease_of_a_dead_worker_is_taken_over(store: JobStore, settings: Settings) -> None:
     # A worker died holding the lease (never renewed): the next delivery waits for it to expire
     # instead of standing down.
     job = store.create_job("key_a", SPEC, queue="cpu")
-    assert store.acquire_lease(job["id"], "dead-worker", 0.5)
-    assert execute_job(job["id"], store=store, settings=settings) == "succeeded"
+    assert store.acquire_lease(job.id, "dead-worker", 0.5)
+    assert execute_job(job.id, store=store, settings=settings) == "succeeded"
 
 
 def test_attempt_cap_fails_the_job(store: JobStore, settings: Settings) -> None:
     # Three deliveries took the job and died (status still running, lease expired).
     job = store.create_job("key_a", SPEC, queue="cpu")
     for _ in range(settings.max_attempts):
-        store.next_attempt(job["id"])
-    assert store.transition(job["id"], "running", allowed_from={"queued"})
+        store.next_attempt(job.id)
+    assert store.transition(job.id, "running", allowed_from={"queued"})
 
-    assert execute_job(job["id"], store=store, settings=settings) == "failed"
-    record = store.get_job(job["id"])
+    assert execute_job(job.id, store=store, settings=settings) == "failed"
+    record = store.get_job(job.id)
     assert record is not None
-    assert record["error"] == "worker died 3 times; giving up"
-    assert record["attempt"] == 4
-    assert [e["type"] for e in events(store, job["id"])] == ["status_changed", "status_changed"]
-    assert not (settings.artifacts_dir / job["id"]).exists()  # the engine never ran
-    assert not store.lease_alive(job["id"])
+    assert record.error == "worker died 3 times; giving up"
+    assert record.attempt == 4
+    assert [e["type"] for e in events(store, job.id)] == ["status_changed", "status_changed"]
+    assert not (settings.artifacts_dir / job.id).exists()  # the engine never ran
+    assert not store.lease_alive(job.id)
 
 
 def wait_for_event(store: JobStore, job_id: str, kind: str, timeout_s: float = 60.0) -> None:
@@ -187,16 +189,16 @@ def wait_for_event(store: JobStore, job_id: str, kind: str, timeout_s: float = 6
 def test_cancel_stops_the_run_within_one_epoch(store: JobStore, settings: Settings) -> None:
     job = store.create_job("key_a", spec_with(epochs=60), queue="cpu")
     outcome: list[str] = []
-    runner = threading.Thread(target=lambda: outcome.append(execute_job(job["id"], store=store, settings=settings)))
+    runner = threading.Thread(target=lambda: outcome.append(execute_job(job.id, store=store, settings=settings)))
     runner.start()
     try:
-        wait_for_event(store, job["id"], "epoch_ended")
-        assert store.request_cancel(job["id"])["status"] == "cancelling"  # type: ignore[index]
+        wait_for_event(store, job.id, "epoch_ended")
+        assert store.request_cancel(job.id).status == "cancelling"  # type: ignore[union-attr]
     finally:
         runner.join(timeout=60)
     assert outcome == ["cancelled"]
 
-    stream = events(store, job["id"])
+    stream = events(store, job.id)
     statuses = [(e["status"], e["reason"]) for e in stream if e["type"] == "status_changed"]
     assert statuses == [("running", None), ("cancelling", "cancel requested"), ("cancelled", "cancelled by request")]
     cancel_at = next(i for i, e in enumerate(stream) if e.get("status") == "cancelling")
@@ -206,9 +208,9 @@ def test_cancel_stops_the_run_within_one_epoch(store: JobStore, settings: Settin
     assert not any(e["type"] == "megabatch_ended" for e in stream)
     run_ended = [e for e in stream if e["type"] == "run_ended"]
     assert len(run_ended) == 1 and run_ended[0]["stopped"] is True
-    record = store.get_job(job["id"])
-    assert record is not None and record["result"] is None and record["artifacts"] == []
-    assert not store.lease_alive(job["id"])
+    record = store.get_job(job.id)
+    assert record is not None and record.result is None and record.artifacts == []
+    assert not store.lease_alive(job.id)
 
 
 def test_run_that_lost_its_lease_leaves_the_job_alone(store: JobStore, settings: Settings) -> None:
@@ -216,58 +218,64 @@ def test_run_that_lost_its_lease_leaves_the_job_alone(store: JobStore, settings:
     # nothing more, neither events nor a status.
     job = store.create_job("key_a", spec_with(epochs=60), queue="cpu")
     outcome: list[str] = []
-    runner = threading.Thread(target=lambda: outcome.append(execute_job(job["id"], store=store, settings=settings)))
+    runner = threading.Thread(target=lambda: outcome.append(execute_job(job.id, store=store, settings=settings)))
     runner.start()
     try:
-        wait_for_event(store, job["id"], "epoch_ended")
-        store.redis.set(f"{store.prefix}:job:{job['id']}:lease", "new-owner", px=60_000)
+        wait_for_event(store, job.id, "epoch_ended")
+        store.redis.set(f"{store.prefix}:job:{job.id}:lease", "new-owner", px=60_000)
     finally:
         runner.join(timeout=60)
     assert outcome == ["lease_lost"]
-    record = store.get_job(job["id"])
-    assert record is not None and record["status"] == "running" and record["result"] is None
-    stream = events(store, job["id"])
+    record = store.get_job(job.id)
+    assert record is not None and record.status == "running" and record.result is None
+    stream = events(store, job.id)
     assert [e["status"] for e in stream if e["type"] == "status_changed"] == ["running"]
     assert not any(e["type"] in ("run_ended", "megabatch_ended") for e in stream)
-    assert store.redis.get(f"{store.prefix}:job:{job['id']}:lease") == "new-owner"
+    assert store.redis.get(f"{store.prefix}:job:{job.id}:lease") == "new-owner"
 
 
 def test_cancelled_job_of_a_dead_worker_is_finished_without_running(store: JobStore, settings: Settings) -> None:
     job = store.create_job("key_a", SPEC, queue="cpu")
-    store.next_attempt(job["id"])
-    assert store.transition(job["id"], "running", allowed_from={"queued"})
-    store.request_cancel(job["id"])  # -> cancelling; its worker is gone
-    assert execute_job(job["id"], store=store, settings=settings) == "cancelled"
-    assert events(store, job["id"])[-1]["reason"] == "cancelled by request"
-    assert not (settings.artifacts_dir / job["id"]).exists()
-    assert store.get_job(job["id"])["attempt"] == 1  # type: ignore[index]
+    store.next_attempt(job.id)
+    assert store.transition(job.id, "running", allowed_from={"queued"})
+    store.request_cancel(job.id)  # -> cancelling; its worker is gone
+    assert execute_job(job.id, store=store, settings=settings) == "cancelled"
+    assert events(store, job.id)[-1]["reason"] == "cancelled by request"
+    assert not (settings.artifacts_dir / job.id).exists()
+    assert store.get_job(job.id).attempt == 1  # type: ignore[union-attr]
 
 
 def test_missing_dataset_file_fails_with_its_name(store: JobStore, settings: Settings) -> None:
     spec = {**SPEC, "dataset": {"name": "npz", "path": "missing-digits.npz"}}
     job = store.create_job("key_a", spec, queue="cpu")
-    assert execute_job(job["id"], store=store, settings=settings) == "failed"
-    record = store.get_job(job["id"])
+    assert execute_job(job.id, store=store, settings=settings) == "failed"
+    record = store.get_job(job.id)
     assert record is not None
-    assert str(settings.data_dir / "missing-digits.npz") in record["error"]
-    assert record["attempt"] == 1  # failed at once, no retry
-    assert [e.get("status") for e in events(store, job["id"])] == ["running", "failed"]
+    # The worker applies the API's dataset path policy before the engine reads anything.
+    assert record.error == "dataset.path 'missing-digits.npz' does not exist in the server's data folder"
+    assert record.attempt == 1  # failed at once, no retry
+    assert [e.get("status") for e in events(store, job.id)] == ["running", "failed"]
 
 
 def test_dataset_path_outside_data_dir_is_refused(store: JobStore, settings: Settings, tmp_path: Path) -> None:
     outside = tmp_path / "secret.npz"
     outside.write_bytes(b"not for clients")
-    for path in ("../secret.npz", str(outside)):
+    (settings.data_dir / "link").symlink_to(tmp_path)
+    for path, reason in [
+        ("../secret.npz", "must not contain '..'"),
+        (str(outside), "must be relative to the server's data folder"),
+        ("link/secret.npz", "leads outside the server's data folder"),
+    ]:
         job = store.create_job("key_a", {**SPEC, "dataset": {"name": "npz", "path": path}}, queue="cpu")
-        assert execute_job(job["id"], store=store, settings=settings) == "failed"
-        error = store.get_job(job["id"])["error"]  # type: ignore[index]
-        assert error == f"dataset.path '{path}' is outside the server's data folder"
+        assert execute_job(job.id, store=store, settings=settings) == "failed"
+        error = store.get_job(job.id).error  # type: ignore[union-attr]
+        assert error == f"dataset.path {reason}"
 
 
 def test_invalid_spec_fails_with_the_field(store: JobStore, settings: Settings) -> None:
     job = store.create_job("key_a", {**SPEC, "architecture": "no-such-net"}, queue="cpu")
-    assert execute_job(job["id"], store=store, settings=settings) == "failed"
-    assert store.get_job(job["id"])["error"].startswith("architecture:")  # type: ignore[index]
+    assert execute_job(job.id, store=store, settings=settings) == "failed"
+    assert store.get_job(job.id).error.startswith("architecture:")  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,42 +284,42 @@ def test_invalid_spec_fails_with_the_field(store: JobStore, settings: Settings) 
 
 def test_heartbeat_keeps_the_lease_and_notices_a_takeover(store: JobStore) -> None:
     job = store.create_job("key_a", SPEC, queue="cpu")
-    assert store.acquire_lease(job["id"], "mine", 0.3)
-    beat = LeaseHeartbeat(store, job["id"], "mine", 0.3, cancel_grace_s=60.0)
+    assert store.acquire_lease(job.id, "mine", 0.3)
+    beat = LeaseHeartbeat(store, job.id, "mine", 0.3, cancel_grace_s=60.0)
     beat.start()
     try:
         time.sleep(1.0)  # three TTLs: only renewal keeps it alive
-        assert store.lease_alive(job["id"]) and beat.interrupt_reason() is None
-        store.release_lease(job["id"], "mine")
-        assert store.acquire_lease(job["id"], "intruder", 30)
+        assert store.lease_alive(job.id) and beat.interrupt_reason() is None
+        store.release_lease(job.id, "mine")
+        assert store.acquire_lease(job.id, "intruder", 30)
         beat.join(timeout=2)
         assert not beat.is_alive()
         assert beat.interrupt_reason() == LEASE_LOST
-        assert store.redis.get(f"{store.prefix}:job:{job['id']}:lease") == "intruder"
+        assert store.redis.get(f"{store.prefix}:job:{job.id}:lease") == "intruder"
     finally:
         beat.stop()
 
 
 def test_heartbeat_forces_cancel_after_grace_period(store: JobStore) -> None:
     job = store.create_job("key_a", SPEC, queue="cpu")
-    assert store.transition(job["id"], "running", allowed_from={"queued"})
-    assert store.acquire_lease(job["id"], "mine", 5)
+    assert store.transition(job.id, "running", allowed_from={"queued"})
+    assert store.acquire_lease(job.id, "mine", 5)
     terminated = threading.Event()
     beat = LeaseHeartbeat(
-        store, job["id"], "mine", 5, cancel_grace_s=0.3, on_cancel_timeout=terminated.set, interval_s=0.1
+        store, job.id, "mine", 5, cancel_grace_s=0.3, on_cancel_timeout=terminated.set, interval_s=0.1
     )
     beat.start()
     try:
         time.sleep(0.3)
         assert not terminated.is_set()  # no cancel asked: nothing happens
-        store.request_cancel(job["id"])
+        store.request_cancel(job.id)
         asked = time.monotonic()
         assert terminated.wait(5)
         assert time.monotonic() - asked >= 0.3
-        record = store.get_job(job["id"])
-        assert record is not None and record["status"] == "cancelled"
+        record = store.get_job(job.id)
+        assert record is not None and record.status == "cancelled"
         assert beat.interrupt_reason() == CANCEL_FORCED
-        assert events(store, job["id"])[-1]["reason"] == "cancel grace period exceeded (0.3 s); run terminated"
+        assert events(store, job.id)[-1]["reason"] == "cancel grace period exceeded (0.3 s); run terminated"
     finally:
         beat.stop()
 
@@ -342,15 +350,15 @@ def test_reaper_requeues_running_jobs_with_expired_leases(store: JobStore, setti
     queued = store.create_job("key_a", SPEC, queue="gpu")
     # Delivered once (attempt counted) but its worker died before marking it running.
     stuck = store.create_job("key_a", SPEC, queue="gpu")
-    store.next_attempt(stuck["id"])
-    ids = {orphan["id"], alive["id"], queued["id"], stuck["id"]}
+    store.next_attempt(stuck.id)
+    ids = {orphan.id, alive.id, queued.id, stuck.id}
     for job in (orphan, alive):
-        store.next_attempt(job["id"])
-        assert store.transition(job["id"], "running", allowed_from={"queued"})
-    assert store.acquire_lease(alive["id"], "live-worker", 60)
+        store.next_attempt(job.id)
+        assert store.transition(job.id, "running", allowed_from={"queued"})
+    assert store.acquire_lease(alive.id, "live-worker", 60)
     gpu_queue = f"{settings.celery_key_prefix}gpu"
     try:
-        assert sorted(reap_orphans(store, app, settings)) == sorted([orphan["id"], stuck["id"]])
+        assert sorted(reap_orphans(store, app, settings)) == sorted([orphan.id, stuck.id])
         sent = queued_tasks(store.redis, gpu_queue, ids)
         assert len(sent) == 2
         resent = set()
@@ -360,12 +368,12 @@ def test_reaper_requeues_running_jobs_with_expired_leases(store: JobStore, setti
             assert kwargs == {}
             resent.add(args[0])
             assert envelope["properties"]["delivery_info"]["routing_key"] == "gpu"
-        assert resent == {orphan["id"], stuck["id"]}
+        assert resent == {orphan.id, stuck.id}
         # Re-enqueued once per window, not at every pass of the reaper.
         assert reap_orphans(store, app, settings) == []
         assert len(queued_tasks(store.redis, gpu_queue, ids)) == 2
-        assert store.get_job(queued["id"])["status"] == "queued"  # type: ignore[index]
-        assert store.get_job(orphan["id"])["status"] == "running"  # type: ignore[index]
+        assert store.get_job(queued.id).status == "queued"  # type: ignore[union-attr]
+        assert store.get_job(orphan.id).status == "running"  # type: ignore[union-attr]
     finally:
         app.close()
 
@@ -437,14 +445,14 @@ class CeleryWorker:
     def submit(self, spec: dict[str, Any]) -> str:
         """What the API does: write the record, then send the task by name."""
         job = self.store.create_job("key_a", spec, queue="cpu")
-        self.sender.send_task(RUN_JOB_TASK, args=[job["id"]], queue="cpu")
-        return str(job["id"])
+        self.sender.send_task(RUN_JOB_TASK, args=[job.id], queue="cpu")
+        return str(job.id)
 
-    def wait_terminal(self, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, Any]:
+    def wait_terminal(self, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> JobRecord:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             record = self.store.get_job(job_id)
-            if record is not None and record["status"] in ("succeeded", "failed", "cancelled"):
+            if record is not None and record.status in ("succeeded", "failed", "cancelled"):
                 return record
             assert self.process.poll() is None, f"the worker exited:\n{self.log_tail()}"
             time.sleep(0.2)
@@ -510,29 +518,29 @@ def celery_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture(scope="module")
-def reference_run(celery_worker: CeleryWorker) -> dict[str, Any]:
+def reference_run(celery_worker: CeleryWorker) -> JobRecord:
     """LONG_SPEC run through the worker without interruption."""
     job_id = celery_worker.submit(LONG_SPEC)
     return celery_worker.wait_terminal(job_id)
 
 
 @pytest.mark.slow
-def test_celery_worker_runs_a_job_sent_by_name(celery_worker: CeleryWorker, reference_run: dict[str, Any]) -> None:
+def test_celery_worker_runs_a_job_sent_by_name(celery_worker: CeleryWorker, reference_run: JobRecord) -> None:
     record = reference_run
-    assert record["status"] == "succeeded", celery_worker.log_tail()
-    assert record["attempt"] == 1 and record["error"] is None
-    assert len(record["result"]["megabatches"]) == 3
-    stream = events(celery_worker.store, record["id"])
+    assert record.status == "succeeded", celery_worker.log_tail()
+    assert record.attempt == 1 and record.error is None
+    assert len(record.result["megabatches"]) == 3
+    stream = events(celery_worker.store, record.id)
     assert [e["megabatch"] for e in stream if e["type"] == "megabatch_ended"] == [1, 2, 3]
     assert sum(e["type"] == "epoch_ended" for e in stream) == 90
-    for artifact in record["artifacts"]:
-        assert sha256_of(celery_worker.artifacts_dir / record["id"] / artifact["name"]) == artifact["sha256"]
+    for artifact in record.artifacts:
+        assert sha256_of(celery_worker.artifacts_dir / record.id / artifact.name) == artifact.sha256
     assert "reaper started" in celery_worker.log_path.read_text()  # worker_ready hook ran in the parent
 
 
 @pytest.mark.slow
 def test_killed_pool_child_is_redelivered_and_resumes(
-    celery_worker: CeleryWorker, reference_run: dict[str, Any]
+    celery_worker: CeleryWorker, reference_run: JobRecord
 ) -> None:
     store = celery_worker.store
     job_id = celery_worker.submit(LONG_SPEC)
@@ -552,8 +560,8 @@ def test_killed_pool_child_is_redelivered_and_resumes(
     assert killed, f"megabatch 1 never ended:\n{celery_worker.log_tail()}"
 
     record = celery_worker.wait_terminal(job_id)
-    assert record["status"] == "succeeded", celery_worker.log_tail()
-    assert record["attempt"] == 2
+    assert record.status == "succeeded", celery_worker.log_tail()
+    assert record.attempt == 2
     stream = events(store, job_id)
     starts = [e for e in stream if e["type"] == "run_started"]
     assert [s["resumed_after"] for s in starts][0] == 0
@@ -566,9 +574,9 @@ def test_killed_pool_child_is_redelivered_and_resumes(
     # Resuming from the checkpoint gives exactly the uninterrupted run's metrics.
     keys = ("test_accuracy", "density", "test_errors", "val_accuracy", "train_loss")
     resumed = [{k: m[k] for k in keys} for m in store.history(job_id)["megabatches"]]
-    reference = [{k: m[k] for k in keys} for m in store.history(reference_run["id"])["megabatches"]]
+    reference = [{k: m[k] for k in keys} for m in store.history(reference_run.id)["megabatches"]]
     assert resumed == reference
-    assert record["result"]["cer"] == reference_run["result"]["cer"]
+    assert record.result["cer"] == reference_run.result["cer"]
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init, worker_ready, worker_shutdown
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from app_common.settings import QUEUE_NAMES, Settings
 from worker.tasks import register_tasks
@@ -62,7 +62,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # One direct exchange per queue, routing key = queue name: what Celery creates for a
         # queue it does not know, so an API that sends with ``queue=`` and no queue config routes
         # the same way. (A bare Queue(name) would be bound to the default queue's exchange and key.)
-        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        "task_queues": [
+            Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+            for name in QUEUES
+        ],
         "task_default_queue": settings.default_queue,
         # Job state lives in our records; Celery's task events would only add traffic.
         "worker_send_task_events": False,

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from app_common.events import CANCELLING, QUEUED, RUNNING
 from app_common.settings import Settings
 from app_common.store import JobStore
-from worker.job import RUN_JOB_TASK
+from app_common.tasks import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +53,19 @@ def reap_orphans(store: JobStore, celery_app: Celery, settings: Settings) -> lis
     Returns the ids of the jobs re-enqueued by this call.
     """
     reaped: list[str] = []
-    window_ms = int(reap_window_s(settings) * 1000)
+    window_s = reap_window_s(settings)
     for job_id in _orphan_candidates(store):
         # Lease first, record second: a job that finishes in between is then seen terminal.
         if store.lease_alive(job_id):
             continue
         record = store.get_job(job_id)
-        if record is None or record["status"] not in (QUEUED, RUNNING, CANCELLING):
+        if record is None or record.status not in (QUEUED, RUNNING, CANCELLING):
             continue
-        if record["status"] == QUEUED and not record.get("attempt"):
+        if record.status == QUEUED and not record.attempt:
             continue  # never delivered yet: its message is still waiting in the queue
-        claim = f"{settings.redis_prefix}:job:{job_id}:reaped"
-        if not store.redis.set(claim, "1", nx=True, px=window_ms):
+        if not store.claim_reap(job_id, window_s):
             continue  # another reaper (or this one, earlier) already re-enqueued it
-        queue = record.get("queue") or settings.default_queue
+        queue = record.queue or settings.default_queue
         celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
         log.warning("job %s: its worker stopped renewing the lease; re-enqueued on %s", job_id, queue)
         reaped.append(job_id)

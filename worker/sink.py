@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from app_common.events import Event, event_to_dict
+from app_common.events import Event
 from app_common.store import JobStore
 from app_engine.runner import StopRun
 
@@ -66,15 +66,16 @@ class RedisProgressSink:
             raise StopRun(CANCEL_REASON)
 
     def _append(self, event: Event) -> None:
-        payload = event_to_dict(event)
         for attempt in range(self.append_retries + 1):
             try:
-                self.store.append_event(self.job_id, payload)
+                self.store.append_event(self.job_id, event)
                 self.events_written += 1
                 return
             except RedisError as exc:
                 if attempt == self.append_retries:
-                    log.warning("job %s: dropped %s event after %d tries (%s)", self.job_id, event.type, attempt + 1, exc)
+                    log.warning(
+                        "job %s: dropped %s event after %d tries (%s)", self.job_id, event.type, attempt + 1, exc
+                    )
                     return
                 time.sleep(self.retry_delay_s)
 

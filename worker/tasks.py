@@ -12,12 +12,11 @@ import sys
 from typing import Any
 
 from celery import Celery, Task
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app_common.settings import Settings
 from app_common.store import JobStore, make_redis
-from worker.job import RUN_JOB_TASK, execute_job
+from app_common.tasks import RUN_JOB_TASK
+from worker.job import execute_job
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     environment says; pool children are forked and inherit them.
     """
 
-    @app.task(
+    @app.task(  # type: ignore[untyped-decorator]  # Celery is untyped
         name=RUN_JOB_TASK,
         bind=True,
         # Not a "shared" task: Celery would otherwise add this closure (and its settings) to
@@ -64,9 +63,10 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         acks_late=True,
         reject_on_worker_lost=True,
         ignore_result=True,
-        # Redis unreachable before or after the run: retry later; the job resumes from its
-        # checkpoint. Engine errors never get here (execute_job records them on the job).
-        autoretry_for=(RedisConnectionError, RedisTimeoutError),
+        # Redis unreachable, or a run that raised something other than a user error: retry later;
+        # the job resumes from its checkpoint. execute_job records user errors on the job itself,
+        # and fails it with the error once the attempt cap is reached, so retries are bounded.
+        autoretry_for=(Exception,),
         retry_backoff=5,
         retry_backoff_max=300,
         retry_jitter=True,

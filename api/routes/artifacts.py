@@ -53,7 +53,7 @@ async def download_artifact(
     if (why := verify(secret, job_id, name, expires, sig)) is not None:
         raise ApiProblem(403, f"download link refused: {why}", slug="bad-download-link")
     record = await run_in_threadpool(store.get_job, job_id)
-    if record is None or record["status"] != SUCCEEDED:
+    if record is None or record.status != SUCCEEDED:
         raise ApiProblem(404, f"no artifacts for job {job_id}", slug="artifact-not-found")
     # Only files the worker listed can be served: a signed name still cannot reach other paths.
     info = next((a for a in artifact_infos(record) if a.name == name), None)

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import redis
 from celery import Celery
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
 
 from api.deps import CeleryDep, OwnerDep, SecretDep, SettingsDep, StoreDep
 from api.errors import ApiProblem, problem_responses, validation_problem
@@ -24,7 +22,7 @@ from api.queue import enqueue
 from api.schemas import (
     ArtifactInfo,
     ArtifactPublic,
-    FieldErrorOut,
+    FieldError,
     JobCreate,
     JobList,
     JobMetrics,
@@ -32,9 +30,11 @@ from api.schemas import (
     JobStatus,
     JobUrls,
 )
-from api.signing import signed_path
-from api.sse import event_stream
-from app_common.events import SUCCEEDED, TERMINAL_STATUSES
+from api.signing import signed_query
+from api.sse import event_source
+from app_common.events import SUCCEEDED
+from app_common.jobs import JobRecord
+from app_common.paths import DataPathError, resolve_data_path
 from app_common.settings import Settings
 from app_common.spec import JobSpec
 from app_common.store import InvalidCursor, JobStore, TooManyActiveJobs
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-API_PREFIX = "/api/v1"
 _STREAM_ID = r"^[0-9]{1,20}-[0-9]{1,20}$"
 IdempotencyKey = Annotated[
     str | None,
@@ -58,24 +57,26 @@ IdempotencyKey = Annotated[
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def job_urls(job_id: str) -> JobUrls:
-    base = f"{API_PREFIX}/jobs/{job_id}"
+def job_urls(request: Request, job_id: str) -> JobUrls:
+    """The job's links, from the routes themselves (wherever the router is mounted)."""
+
+    def path(route: str) -> str:
+        return str(request.app.url_path_for(route, job_id=job_id))
+
     return JobUrls(
-        self=base, events=f"{base}/events", metrics=f"{base}/metrics", artifacts=f"{base}/artifacts",
-        cancel=f"{base}/cancel",
+        self=path("get_job"), events=path("job_events"), metrics=path("job_metrics"),
+        artifacts=path("job_artifacts"), cancel=path("cancel_job"),
     )
 
 
-def artifact_infos(record: dict[str, Any]) -> list[ArtifactInfo]:
+def artifact_infos(record: JobRecord) -> list[ArtifactInfo]:
+    """The record's artifacts that may be served: plain file names inside the job folder."""
     out = []
-    for item in record.get("artifacts") or []:
-        try:
-            info = ArtifactInfo.model_validate(item)
-        except ValidationError:
-            log.warning("job %s: ignoring malformed artifact entry %r", record.get("id"), item)
-            continue
+    for info in record.artifacts:
         if _safe_name(info.name):
             out.append(info)
+        else:
+            log.warning("job %s: ignoring artifact entry with unsafe name %r", record.id, info.name)
     return out
 
 
@@ -84,74 +85,38 @@ def _safe_name(name: str) -> bool:
     return bool(name) and "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
 
 
-def to_public(record: dict[str, Any]) -> JobPublic:
-    return JobPublic(
-        id=record["id"],
-        status=record["status"],
-        queue=record["queue"],
-        spec=JobSpec.model_validate(record["spec"]),
-        created_at=record["created_at"],
-        started_at=record["started_at"],
-        finished_at=record["finished_at"],
-        updated_at=record["updated_at"],
-        error=record["error"],
-        attempt=record["attempt"] or 0,
-        progress=record["progress"],
-        latest_metrics=record["latest_metrics"],
-        result=record["result"],
-        artifacts=artifact_infos(record),
-        cancel_requested=bool(record["cancel_requested"]),
-        urls=job_urls(record["id"]),
-    )
+def to_public(record: JobRecord, request: Request) -> JobPublic:
+    return JobPublic.from_record(record, urls=job_urls(request, record.id), artifacts=artifact_infos(record))
 
 
-def owned_job(store: JobStore, job_id: str, owner: str) -> dict[str, Any]:
+def owned_job(store: JobStore, job_id: str, owner: str) -> JobRecord:
     """The job if it exists and belongs to ``owner``; another key's job is indistinguishable from
     a missing one (404), so ids cannot be probed."""
     record = store.get_job(job_id)
-    if record is None or record["owner"] != owner:
+    if record is None or record.owner != owner:
         raise ApiProblem(404, f"no job {job_id}", slug="job-not-found")
     return record
-
-
-def data_path_problem(path: str, data_dir: Path) -> str | None:
-    """Why ``dataset.path`` is unacceptable, or None. It must name something that exists inside
-    the server's data folder, written relative to it."""
-    if "\x00" in path:
-        return "must not contain NUL characters"
-    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).drive or path.startswith(("~", "\\")):
-        return "must be relative to the server's data folder"
-    parts = PurePosixPath(path.replace("\\", "/")).parts
-    if ".." in parts:
-        return "must not contain '..'"
-    try:
-        root = data_dir.resolve()
-        full = (root / path).resolve()
-        if not full.is_relative_to(root):
-            return "leads outside the server's data folder"
-        if not full.exists():
-            return f"{path!r} does not exist in the server's data folder"
-    except (OSError, RuntimeError, ValueError):
-        return "is not a valid path"
-    return None
 
 
 def check_server_limits(spec: JobSpec, settings: Settings) -> str:
     """Validate what the spec schema cannot know (this server's limits, its data folder, its
     workers); returns the queue the job goes to. Raises a 422 problem naming each field."""
-    errors: list[FieldErrorOut] = []
+    errors: list[FieldError] = []
     if spec.training.epochs > settings.max_epochs:
-        errors.append(FieldErrorOut(field="training.epochs", reason=f"at most {settings.max_epochs} on this server"))
+        errors.append(FieldError(field="training.epochs", reason=f"at most {settings.max_epochs} on this server"))
     if spec.stream.megabatches > settings.max_megabatches:
         errors.append(
-            FieldErrorOut(field="stream.megabatches", reason=f"at most {settings.max_megabatches} on this server")
+            FieldError(field="stream.megabatches", reason=f"at most {settings.max_megabatches} on this server")
         )
-    if spec.dataset.path is not None and (reason := data_path_problem(spec.dataset.path, settings.data_dir)):
-        errors.append(FieldErrorOut(field="dataset.path", reason=reason))
+    if spec.dataset.path is not None:
+        try:
+            resolve_data_path(settings.data_dir, spec.dataset.path)
+        except DataPathError as exc:
+            errors.append(FieldError(field="dataset.path", reason=str(exc)))
     queue = settings.queue_for_device(spec.training.device)
     if queue is None:
         errors.append(
-            FieldErrorOut(
+            FieldError(
                 field="training.device",
                 reason=f"no worker serves {spec.training.device!r} here (queues: {', '.join(settings.queues)})",
             )
@@ -159,12 +124,6 @@ def check_server_limits(spec: JobSpec, settings: Settings) -> str:
     if errors:
         raise validation_problem(errors)
     return queue or settings.default_queue
-
-
-def _fingerprint(spec: JobSpec) -> str:
-    # The validated spec with defaults filled, so two bodies that mean the same job match.
-    blob = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _job_created(body: dict[str, Any], *, replayed: bool = False) -> JSONResponse:
@@ -193,6 +152,7 @@ def _job_created(body: dict[str, Any], *, replayed: bool = False) -> JSONRespons
 )
 def create_job(
     spec: JobCreate,
+    request: Request,
     owner: OwnerDep,
     settings: SettingsDep,
     store: StoreDep,
@@ -200,13 +160,14 @@ def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     queue = check_server_limits(spec, settings)
-    fingerprint = _fingerprint(spec)
+    # The validated spec with defaults filled, so two bodies that mean the same job match.
+    fingerprint = spec.fingerprint(length=64)
     if idempotency_key is not None:
         previous = store.reserve_idempotency(owner, idempotency_key, fingerprint, settings.idempotency_ttl_s)
         if previous is not None:
             if previous["fingerprint"] != fingerprint:
                 raise validation_problem(
-                    [FieldErrorOut(field="Idempotency-Key", reason="already used with a different request body")]
+                    [FieldError(field="Idempotency-Key", reason="already used with a different request body")]
                 )
             if previous["response"] is None:
                 raise ApiProblem(409, "a request with this Idempotency-Key is still being handled",
@@ -221,7 +182,7 @@ def create_job(
             except redis.exceptions.RedisError:
                 log.warning("could not release Idempotency-Key %r of %s", idempotency_key, owner)
         raise
-    body = to_public(record).model_dump(mode="json")
+    body = to_public(record, request).model_dump(mode="json")
     if idempotency_key is not None:
         store.complete_idempotency(
             owner, idempotency_key, fingerprint, {"status_code": 202, "body": body}, settings.idempotency_ttl_s
@@ -231,7 +192,7 @@ def create_job(
 
 def _create_and_enqueue(
     spec: JobSpec, owner: str, queue: str, settings: Settings, store: JobStore, celery_app: Celery
-) -> dict[str, Any]:
+) -> JobRecord:
     try:
         record = store.create_job(owner, spec.to_dict(), queue=queue, max_active=settings.max_concurrent_jobs_per_key)
     except TooManyActiveJobs:
@@ -242,13 +203,13 @@ def _create_and_enqueue(
             headers={"Retry-After": "30"},
         ) from None
     try:
-        enqueue(celery_app, record["id"], queue)
+        enqueue(celery_app, record.id, queue)
     except Exception as exc:  # kombu OperationalError, redis and socket errors: the broker is down
-        log.warning("job %s could not be queued: %s", record["id"], exc)
+        log.warning("job %s could not be queued: %s", record.id, exc)
         try:
-            store.transition(record["id"], "failed", reason=f"could not be queued: {exc}", allowed_from={"queued"})
+            store.transition(record.id, "failed", reason=f"could not be queued: {exc}", allowed_from={"queued"})
         except redis.exceptions.RedisError:
-            log.warning("job %s could not be marked failed", record["id"])
+            log.warning("job %s could not be marked failed", record.id)
         raise ApiProblem(503, f"the job queue is unavailable: {exc}", slug="queue-unavailable",
                          headers={"Retry-After": "2"}) from exc
     return record
@@ -262,6 +223,7 @@ def _create_and_enqueue(
     responses=problem_responses(401, 422, 503),
 )
 def list_jobs(
+    request: Request,
     owner: OwnerDep,
     store: StoreDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs with this status.")] = None,
@@ -271,8 +233,8 @@ def list_jobs(
     try:
         records, next_cursor = store.list_jobs(owner, status=status, cursor=cursor, limit=limit)
     except InvalidCursor:
-        raise validation_problem([FieldErrorOut(field="cursor", reason="not a cursor from this API")]) from None
-    return JobList(items=[to_public(r) for r in records], next_cursor=next_cursor)
+        raise validation_problem([FieldError(field="cursor", reason="not a cursor from this API")]) from None
+    return JobList(items=[to_public(r, request) for r in records], next_cursor=next_cursor)
 
 
 @router.get(
@@ -282,8 +244,8 @@ def list_jobs(
     summary="Read a job",
     responses=problem_responses(401, 404, 503),
 )
-def get_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobPublic:
-    return to_public(owned_job(store, job_id, owner))
+def get_job(job_id: str, request: Request, owner: OwnerDep, store: StoreDep) -> JobPublic:
+    return to_public(owned_job(store, job_id, owner), request)
 
 
 @router.post(
@@ -298,17 +260,17 @@ def get_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobPublic:
     description="A queued job is cancelled at once (200); a running one becomes `cancelling` (202). "
     "A finished job cannot be cancelled (409).",
 )
-def cancel_job(job_id: str, owner: OwnerDep, store: StoreDep, response: Response) -> JobPublic:
+def cancel_job(job_id: str, request: Request, owner: OwnerDep, store: StoreDep, response: Response) -> JobPublic:
     record = owned_job(store, job_id, owner)
-    if record["status"] in TERMINAL_STATUSES:
-        raise ApiProblem(409, f"job {job_id} is already {record['status']}", slug="job-finished")
+    if record.terminal:
+        raise ApiProblem(409, f"job {job_id} is already {record.status}", slug="job-finished")
     after = store.request_cancel(job_id)
     if after is None:
         raise ApiProblem(404, f"no job {job_id}", slug="job-not-found")
-    if after["status"] in TERMINAL_STATUSES and after["status"] != "cancelled":
-        raise ApiProblem(409, f"job {job_id} is already {after['status']}", slug="job-finished")
-    response.status_code = 200 if after["status"] == "cancelled" else 202
-    return to_public(after)
+    if after.terminal and after.status != "cancelled":
+        raise ApiProblem(409, f"job {job_id} is already {after.status}", slug="job-finished")
+    response.status_code = 200 if after.status == "cancelled" else 202
+    return to_public(after, request)
 
 
 @router.delete(
@@ -320,8 +282,8 @@ def cancel_job(job_id: str, owner: OwnerDep, store: StoreDep, response: Response
 )
 def delete_job(job_id: str, owner: OwnerDep, store: StoreDep, settings: SettingsDep) -> Response:
     record = owned_job(store, job_id, owner)
-    if record["status"] not in TERMINAL_STATUSES:
-        raise ApiProblem(409, f"job {job_id} is {record['status']}: cancel it first", slug="job-not-finished")
+    if not record.terminal:
+        raise ApiProblem(409, f"job {job_id} is {record.status}: cancel it first", slug="job-not-finished")
     store.delete_job(job_id)
     folder = settings.artifacts_dir / job_id
     if folder.exists():
@@ -333,7 +295,7 @@ def delete_job(job_id: str, owner: OwnerDep, store: StoreDep, settings: Settings
     "/{job_id}/events",
     operation_id="job_events",
     summary="Follow a job's events (Server-Sent Events)",
-    response_class=StreamingResponse,
+    response_class=EventSourceResponse,
     responses={
         200: {"description": "`text/event-stream`: `id:` stream id, `event:` type, `data:` JSON.",
               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
@@ -351,25 +313,16 @@ async def job_events(
     settings: SettingsDep,
     last_event_id: Annotated[str | None, Query(pattern=_STREAM_ID, description="Resume after this event id.")] = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID", pattern=_STREAM_ID)] = None,
-) -> StreamingResponse:
+) -> EventSourceResponse:
     after = last_event_id_header or last_event_id or "0-0"
     if any(int(part) >= 2**64 for part in after.split("-")):
         field = "Last-Event-ID" if last_event_id_header else "last_event_id"
-        raise validation_problem([FieldErrorOut(field=field, reason="not a stream id (out of range)")])
+        raise validation_problem([FieldError(field=field, reason="not a stream id (out of range)")])
     await run_in_threadpool(owned_job, store, job_id, owner)
-    stream = event_stream(
-        redis_url=settings.redis_url or "",
-        job_key=store.job_key(job_id),
-        events_key=store.events_key(job_id),
-        after=after,
-        heartbeat_s=settings.sse_heartbeat_s,
-        timeout_s=settings.redis_timeout_s,
+    feed = store.event_feed(
+        settings.redis_url or "", job_id, block_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s
     )
-    return StreamingResponse(
-        stream,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return event_source(feed, after, heartbeat_s=settings.sse_heartbeat_s)
 
 
 @router.get(
@@ -396,18 +349,19 @@ def job_artifacts(
     job_id: str, request: Request, owner: OwnerDep, store: StoreDep, settings: SettingsDep, secret: SecretDep
 ) -> list[ArtifactPublic]:
     record = owned_job(store, job_id, owner)
-    if record["status"] != SUCCEEDED:
-        raise ApiProblem(409, f"job {job_id} is {record['status']}: artifacts exist once it succeeded",
+    if record.status != SUCCEEDED:
+        raise ApiProblem(409, f"job {job_id} is {record.status}: artifacts exist once it succeeded",
                          slug="job-not-succeeded")
     base = settings.public_base_url or str(request.base_url).rstrip("/")
     now = time.time()
     out = []
     for info in artifact_infos(record):
-        path, expires = signed_path(secret, job_id, info.name, settings.download_url_ttl_s, now=now)
+        query, expires = signed_query(secret, job_id, info.name, settings.download_url_ttl_s, now=now)
+        path = request.app.url_path_for("download_artifact", job_id=job_id, name=quote(info.name, safe=""))
         out.append(
             ArtifactPublic(
                 **info.model_dump(),
-                download_url=f"{base}{path}",
+                download_url=f"{base}{path}?{query}",
                 expires_at=datetime.fromtimestamp(expires, UTC),
             )
         )

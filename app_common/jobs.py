@@ -1,0 +1,132 @@
+"""The job record: what the store keeps about one job, typed.
+
+:class:`JobRecord` is the one shape of a job inside the service: the store writes and returns it,
+the worker moves it through its lifecycle, and the API's public schema is derived from it
+(``api.schemas.JobPublic`` drops ``owner`` and adds links). :func:`progress_after` is the pure
+arithmetic behind ``JobRecord.progress``: how far a run is after an engine event.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app_common.events import STATUSES, TERMINAL_STATUSES, EpochEnded, Event, MegabatchEnded, RunStarted
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+if get_args(JobStatus) != STATUSES:  # one list of statuses, checked at import
+    raise RuntimeError("app_common.jobs.JobStatus and app_common.events.STATUSES disagree")
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    megabatch: int = Field(description="Megabatches done (or in progress), 1-based; 0 before the first.")
+    megabatches: int | None
+    epoch: int
+    epochs: int | None
+    fraction: float = Field(ge=0.0, le=1.0, description="Share of the whole run done.")
+
+    @classmethod
+    def initial(cls, spec: dict[str, Any]) -> Progress:
+        """Nothing done yet; the totals come from the spec as submitted (None when it omits them)."""
+        stream = spec.get("stream") or {}
+        training = spec.get("training") or {}
+        return cls(megabatch=0, megabatches=stream.get("megabatches"), epoch=0, epochs=training.get("epochs"),
+                   fraction=0.0)
+
+
+class ArtifactInfo(BaseModel):
+    """One file of a finished job, as the worker listed it (name relative to the job folder)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    format: str
+    bytes: int
+    sha256: str
+
+
+SpecT = TypeVar("SpecT")
+
+
+class JobState(BaseModel, Generic[SpecT]):
+    """A job's state without its owner: what the API shows (with ``spec`` a validated JobSpec)
+    and the store keeps (with ``spec`` as submitted, see :class:`JobRecord`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    status: JobStatus
+    queue: str
+    spec: SpecT
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    error: str | None
+    attempt: int
+    progress: Progress
+    # The last megabatch_ended event's metrics with its ``megabatch`` number (the wire format of
+    # app_common.events.MegabatchMetrics), and the engine's result.json.
+    latest_metrics: dict[str, Any] | None
+    result: dict[str, Any] | None
+    artifacts: list[ArtifactInfo]
+    cancel_requested: bool
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class JobRecord(JobState[dict[str, Any]]):
+    """A job as stored: each field is one field of the Redis hash ``{prefix}:job:{id}``.
+
+    ``spec`` is the dict as submitted, not a JobSpec: a record must still load when its spec no
+    longer validates (written by another version); the worker validates it and fails the job
+    naming the bad field.
+    """
+
+    owner: str
+
+
+# The hash fields, in the model's order (the store reads and writes exactly these).
+JOB_FIELDS: tuple[str, ...] = tuple(JobRecord.model_fields)
+
+# Events that move a job's progress.
+PROGRESS_EVENTS = (RunStarted, EpochEnded, MegabatchEnded)
+
+
+def progress_after(progress: Progress, event: Event) -> Progress:
+    """``progress`` after ``event``; events other than :data:`PROGRESS_EVENTS` change nothing.
+
+    With ``M`` megabatches of ``E`` epochs, epoch ``e`` of megabatch ``m`` (both 1-based) ends at
+    fraction ``((m - 1) + e / E) / M``; a resumed run starts at ``resumed_after / M``. Fractions
+    are clamped to [0, 1] and rounded to 6 digits.
+    """
+    if isinstance(event, RunStarted):
+        total = event.megabatches or progress.megabatches or 1
+        done = event.resumed_after or 0
+        new = Progress(megabatch=done, megabatches=total, epoch=0, epochs=event.epochs, fraction=_clamp(done / total))
+    elif isinstance(event, EpochEnded):
+        m, e = event.megabatch, event.epoch
+        epochs = event.epochs or progress.epochs or e
+        total = progress.megabatches or m
+        new = progress.model_copy(
+            update={"megabatch": m, "epoch": e, "epochs": epochs, "fraction": _clamp(((m - 1) + e / epochs) / total)}
+        )
+    elif isinstance(event, MegabatchEnded):
+        m = event.megabatch
+        total = event.megabatches or progress.megabatches or m
+        new = progress.model_copy(
+            update={"megabatch": m, "megabatches": total, "epoch": progress.epochs or 0, "fraction": _clamp(m / total)}
+        )
+    else:
+        return progress
+    return new
+
+
+def _clamp(fraction: float) -> float:
+    return round(min(1.0, max(0.0, float(fraction))), 6)
