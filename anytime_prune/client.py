@@ -8,8 +8,8 @@
     final = client.watch(job["id"], callback=print)  # follows the live event stream
     paths = client.download(job["id"], "out/")       # sha256 checked against the listing
 
-Torch-free (httpx and the standard library only), so it is cheap to import anywhere. Every
-non-2xx answer raises :class:`ApiError`, parsed from the API's ``application/problem+json``.
+Torch-free (httpx, httpx-sse and the standard library only), so it is cheap to import anywhere.
+Every non-2xx answer raises :class:`ApiError`, parsed from the API's ``application/problem+json``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
+from httpx_sse import connect_sse
 
 log = logging.getLogger(__name__)
 
@@ -179,38 +180,6 @@ class JobEvent:
         if self.type == "status_changed" and self.data.get("status") in TERMINAL_STATUSES:
             return str(self.data["status"])
         return None
-
-
-@dataclass
-class _SseMessage:
-    id: str | None = None
-    event: str = "message"
-    data: list[str] = field(default_factory=list)
-
-
-def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str, str]]:
-    """(id, event, data) per message of an SSE text stream (the WHATWG "event stream
-    interpretation": fields until a blank line; ``:`` lines are comments; several ``data:``
-    lines join with newlines; a message without data is not dispatched)."""
-    msg = _SseMessage()
-    for raw in lines:
-        line = raw.rstrip("\r\n")
-        if not line:
-            if msg.data:
-                yield msg.id, msg.event, "\n".join(msg.data)
-            msg = _SseMessage()
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            msg.data.append(value)
-        elif name == "event":
-            msg.event = value or "message"
-        elif name == "id" and "\0" not in value:
-            msg.id = value
-        # "retry:" and unknown fields are ignored: reconnect pacing is the client's own.
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -372,32 +341,39 @@ class Client:
         # much longer than that means the connection is dead, so reconnect.
         timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 60.0))
         while True:
-            headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+            headers: dict[str, str] = {}  # connect_sse adds Accept and Cache-Control
             if last:
                 headers["Last-Event-ID"] = last
             ended_cleanly = False
             try:
-                with self._http.stream(
-                    "GET", self._job_path(job_id, "/events"), headers=headers, timeout=timeout
-                ) as response:
+                with connect_sse(
+                    self._http, "GET", self._job_path(job_id, "/events"), headers=headers, timeout=timeout
+                ) as source:
+                    response = source.response
                     if response.status_code >= 400:
                         response.read()
                         error = ApiError.from_response(response)
                         if response.status_code < 500:
                             raise error
                         raise _Retryable(str(error), error.retry_after)
-                    for sse_id, kind, data in parse_sse(response.iter_lines()):
-                        if kind == "error":
+                    for sse in source.iter_sse():
+                        # httpx-sse dispatches at every blank line once an id was seen (the id
+                        # persists, as the standard says), so heartbeats arrive as events without
+                        # data; the standard dispatches only messages with data.
+                        if not sse.data:
+                            continue
+                        if sse.event == "error":
                             # The server lost its store mid-stream; reconnecting resumes it.
-                            raise _Retryable(f"server: {data}", None)
-                        event = JobEvent(sse_id, kind, _decode_data(data))
-                        if sse_id:
-                            last = sse_id
+                            raise _Retryable(f"server: {sse.data}", None)
+                        event = JobEvent(sse.id or None, sse.event, _decode_data(sse.data))
+                        if sse.id:
+                            last = sse.id
                         failures = 0
                         yield event
                         if stop_at_terminal and event.terminal_status:
                             return
                     ended_cleanly = True
+            # httpx_sse.SSEError (a 200 answer that is not an event stream) is a TransportError.
             except (httpx.TransportError, _Retryable) as exc:
                 failures += 1
                 if failures > max_retries:

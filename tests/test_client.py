@@ -1,7 +1,8 @@
 """The Python client (``anytime_prune.client``) against a real API server and worker.
 
-Pure parts (the SSE parser, credentials) are tested directly; everything else talks HTTP to an
-``anytime-prune api`` subprocess with an ``anytime-prune worker`` on a real Redis.
+Pure parts (credentials, reading event streams from scripted responses) are tested directly;
+everything else talks HTTP to an ``anytime-prune api`` subprocess with an ``anytime-prune worker``
+on a real Redis.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from service_stack import TINY_SPEC, ServiceStack, free_port, service_stack
 
 from anytime_prune.client import (
     ApiError,
@@ -24,33 +27,82 @@ from anytime_prune.client import (
     DownloadError,
     JobEvent,
     credentials_path,
-    parse_sse,
     read_credentials,
     write_credentials,
 )
 from app_common.spec import JobSpec
-from service_stack import TINY_SPEC, ServiceStack, free_port, service_stack
 
 # --- pure -------------------------------------------------------------------------------------
 
 
-def test_parse_sse_follows_the_event_stream_format() -> None:
+class ScriptedStream(httpx.SyncByteStream):
+    """A response body sent in the given chunks; ``then_fail`` drops the connection after them."""
+
+    def __init__(self, chunks: list[str], then_fail: bool = False):
+        self.chunks = chunks
+        self.then_fail = then_fail
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk.encode()
+        if self.then_fail:
+            raise httpx.ReadError("connection reset by peer")
+
+
+def scripted_client(streams: list[ScriptedStream], seen: list[httpx.Request], status: str = "succeeded") -> Client:
+    """A client whose n-th event-stream request gets ``streams[n]``; the job's status is ``status``."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path.endswith("/events"):
+            body = streams[sum(r.url.path.endswith("/events") for r in seen) - 1]
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, stream=body)
+        return httpx.Response(200, json={"id": "j", "status": status})
+
+    return Client("http://api.test", "ap_x", transport=httpx.MockTransport(handle))
+
+
+def test_events_follow_the_event_stream_format() -> None:
     text = (
         "retry: 3000\n\n"  # no data: not dispatched
         ": heartbeat\n\n"
         "id: 1-0\r\nevent: epoch_ended\r\ndata: {\"a\": 1}\r\n\r\n"
-        "id: 2-0\nevent: note\ndata: first\ndata:second\n\n"
-        "data: no id or type\n\n"
-        "id: bad\0id\nevent: x\ndata: y\n\n"
+        ": heartbeat after an id\n\n"  # still no data: not an event
+        "id: 2-0\nevent: note\ndata: {\"first\": 1,\ndata:\"second\": 2}\n\n"
+        "data: \"no id or type\"\n\n"  # the last id stays (the standard's lastEventId)
+        "id: bad\0id\nevent: x\ndata: y\n\n"  # an id containing NUL is ignored; y is not JSON
         "id: 3-0\nevent: cut\ndata: never finished\n"  # no blank line: the connection dropped
     )
-    messages = list(parse_sse(iter(text.splitlines(keepends=True))))
-    assert messages == [
-        ("1-0", "epoch_ended", '{"a": 1}'),
-        ("2-0", "note", "first\nsecond"),
-        (None, "message", "no id or type"),
-        (None, "x", "y"),  # an id containing NUL is ignored
+    seen: list[httpx.Request] = []
+    # Split mid-line and mid-message: the decoder must reassemble across chunks.
+    chunks = [text[i:i + 7] for i in range(0, len(text), 7)]
+    with scripted_client([ScriptedStream(chunks)], seen) as client:
+        events = list(client.events("j"))
+    assert events == [
+        JobEvent("1-0", "epoch_ended", {"a": 1}),
+        JobEvent("2-0", "note", {"first": 1, "second": 2}),
+        JobEvent("2-0", "message", {"value": "no id or type"}),
+        JobEvent("2-0", "x", {"raw": "y"}),
     ]
+    # The stream ended cleanly without a terminal event: the client asked the job's status.
+    assert [r.url.path for r in seen] == ["/api/v1/jobs/j/events", "/api/v1/jobs/j"]
+    assert seen[0].headers["Accept"] == "text/event-stream" and "Last-Event-ID" not in seen[0].headers
+    assert seen[0].headers["Authorization"] == "Bearer ap_x"
+
+
+def test_events_reconnect_with_last_event_id() -> None:
+    first = ScriptedStream(["id: 1-0\nevent: run_started\ndata: {}\n\nid: 2-0\nevent: epoch_ended\ndata: {\"ep"],
+                           then_fail=True)
+    second = ScriptedStream(["id: 2-0\nevent: epoch_ended\ndata: {\"epoch\": 1}\n\n",
+                             "id: 3-0\nevent: status_changed\ndata: {\"status\": \"succeeded\"}\n\n",
+                             "id: 4-0\nevent: after_the_end\ndata: {}\n\n"])
+    seen: list[httpx.Request] = []
+    with scripted_client([first, second], seen) as client:
+        events = list(client.events("j"))
+    assert [(e.id, e.type) for e in events] == [("1-0", "run_started"), ("2-0", "epoch_ended"),
+                                               ("3-0", "status_changed")]
+    assert events[1].data == {"epoch": 1}  # the half-sent message was dropped, not half-parsed
+    assert [r.headers.get("Last-Event-ID") for r in seen] == [None, "1-0"]
 
 
 def test_job_event_terminal_status() -> None:
@@ -274,7 +326,7 @@ def test_list_follows_cursors_cancel_and_delete(stack: ServiceStack, client: Cli
     for seed in range(5):
         record = stack.store.create_job(key[0], JobSpec.from_dict(dict(TINY_SPEC, training={"seed": seed})).to_dict(),
                                         queue="cpu")
-        created.append(record["id"])
+        created.append(record.id)
         time.sleep(0.002)  # distinct creation times
     newest_first = [*reversed(created), done["id"]]
 
@@ -304,4 +356,4 @@ def test_list_follows_cursors_cancel_and_delete(stack: ServiceStack, client: Cli
 
 def _queued(stack: ServiceStack, owner: str) -> str:
     """A job that stays queued (it is never sent to a worker)."""
-    return str(stack.store.create_job(owner, JobSpec.from_dict(TINY_SPEC).to_dict(), queue="cpu")["id"])
+    return stack.store.create_job(owner, JobSpec.from_dict(TINY_SPEC).to_dict(), queue="cpu").id

@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from service_stack import ROOT, TINY_SPEC, ServiceStack, cli_argv, free_port, service_stack, stop_process
 
 from anytime_prune.client import ApiError, Client, JobEvent
-from service_stack import ROOT, TINY_SPEC, ServiceStack, cli_argv, free_port, service_stack, stop_process
 
 pytestmark = pytest.mark.slow
 
