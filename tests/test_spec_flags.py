@@ -40,8 +40,9 @@ def leaf_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
 
 def test_every_spec_field_has_a_flag() -> None:
     assert set(FIELD_FLAGS) == leaf_fields(JobSpec)
-    options = {a for a in build_parser()._subparsers._group_actions[0].choices["run"]._option_string_actions}  # type: ignore[union-attr]
-    assert set(FIELD_FLAGS.values()) <= options
+    for verb in ("run", "submit"):
+        args = build_parser().parse_args([verb, "--out", "o"] if verb == "run" else [verb])
+        assert {f.dest for f in SPEC_FLAGS} <= set(vars(args)), verb
 
 
 def test_todays_flag_names_are_kept() -> None:
