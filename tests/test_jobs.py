@@ -1,0 +1,51 @@
+"""app_common/jobs.py: the job record's fields and the progress arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+from factories import epoch_ended, megabatch_ended
+
+from app_common.events import CheckpointWritten, Pruned, RunStarted, StatusChanged
+from app_common.jobs import JOB_FIELDS, JobRecord, Progress, progress_after
+
+START = Progress(megabatch=0, megabatches=4, epoch=0, epochs=5, fraction=0.0)
+
+
+def test_job_fields_are_the_models() -> None:
+    assert JOB_FIELDS == tuple(JobRecord.model_fields)
+    assert {"id", "owner", "spec", "status", "progress", "artifacts", "cancel_requested"} <= set(JOB_FIELDS)
+
+
+def test_initial_progress_from_the_spec() -> None:
+    assert Progress.initial({"stream": {"megabatches": 4}, "training": {"epochs": 5}}) == START
+    assert Progress.initial({}) == Progress(megabatch=0, megabatches=None, epoch=0, epochs=None, fraction=0.0)
+
+
+def test_run_started_and_resumed() -> None:
+    assert progress_after(START, RunStarted(megabatches=4, epochs=5)) == START
+    resumed = progress_after(START, RunStarted(megabatches=4, epochs=5, resumed_after=1))
+    assert resumed == Progress(megabatch=1, megabatches=4, epoch=0, epochs=5, fraction=0.25)
+
+
+def test_epochs_and_megabatches() -> None:
+    p = progress_after(START, epoch_ended(2, 2, epochs=5))
+    # Megabatch 1 done, megabatch 2 two fifths done, of four: (1 + 2/5) / 4.
+    assert p == Progress(megabatch=2, megabatches=4, epoch=2, epochs=5, fraction=0.35)
+    p = progress_after(p, megabatch_ended(2, 4))
+    assert p == Progress(megabatch=2, megabatches=4, epoch=5, epochs=5, fraction=0.5)
+    assert progress_after(p, megabatch_ended(4, 4)).fraction == 1.0
+
+
+def test_fraction_is_clamped_and_rounded() -> None:
+    assert progress_after(START, epoch_ended(9, 5, epochs=5)).fraction == 1.0
+    third = progress_after(Progress(megabatch=0, megabatches=3, epoch=0, epochs=1, fraction=0.0), megabatch_ended(1, 3))
+    assert third.fraction == pytest.approx(1 / 3) and third.fraction == round(1 / 3, 6)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [Pruned(megabatch=1, target_density=0.8, density=0.8, pruner="snip"), CheckpointWritten(megabatch=1, path="x"),
+     StatusChanged(status="running")],
+)
+def test_other_events_change_nothing(event: object) -> None:
+    assert progress_after(START, event) is START  # type: ignore[arg-type]

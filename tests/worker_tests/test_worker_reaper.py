@@ -1,0 +1,66 @@
+"""worker/reaper.py: jobs whose worker died are sent again, once per window."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import redis
+from worker_support import SPEC
+
+from app_common.settings import Settings
+from app_common.store import JobStore
+from app_common.tasks import RUN_JOB_TASK
+from worker.celery_app import make_celery
+from worker.reaper import reap_orphans
+
+
+def queued_tasks(client: redis.Redis, queue: str, job_ids: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Messages for ``job_ids`` waiting in a Celery queue, as (raw entry, envelope).
+
+    kombu's Redis transport keeps a queue as a list of JSON envelopes whose ``body`` is the
+    base64 of ``[args, kwargs, embed]``.
+    """
+    found = []
+    for raw in client.lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        args = json.loads(base64.b64decode(envelope["body"]))[0]
+        if args and args[0] in job_ids:
+            found.append((str(raw), envelope))
+    return found
+
+
+def test_reaper_requeues_running_jobs_with_expired_leases(store: JobStore, settings: Settings) -> None:
+    app = make_celery(settings)
+    orphan = store.create_job("key_a", SPEC, queue="gpu")
+    alive = store.create_job("key_a", SPEC, queue="gpu")
+    queued = store.create_job("key_a", SPEC, queue="gpu")
+    # Delivered once (attempt counted) but its worker died before marking it running.
+    stuck = store.create_job("key_a", SPEC, queue="gpu")
+    store.next_attempt(stuck.id)
+    ids = {orphan.id, alive.id, queued.id, stuck.id}
+    for job in (orphan, alive):
+        store.next_attempt(job.id)
+        assert store.transition(job.id, "running", allowed_from={"queued"})
+    assert store.acquire_lease(alive.id, "live-worker", 60)
+    gpu_queue = f"{settings.celery_key_prefix}gpu"
+    try:
+        assert sorted(reap_orphans(store, app, settings)) == sorted([orphan.id, stuck.id])
+        sent = queued_tasks(store.redis, gpu_queue, ids)
+        assert len(sent) == 2
+        resent = set()
+        for _, envelope in sent:
+            assert envelope["headers"]["task"] == RUN_JOB_TASK
+            args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+            assert kwargs == {}
+            resent.add(args[0])
+            assert envelope["properties"]["delivery_info"]["routing_key"] == "gpu"
+        assert resent == {orphan.id, stuck.id}
+        # Re-enqueued once per window, not at every pass of the reaper.
+        assert reap_orphans(store, app, settings) == []
+        assert len(queued_tasks(store.redis, gpu_queue, ids)) == 2
+        assert store.get_job(queued.id).status == "queued"  # type: ignore[union-attr]
+        assert store.get_job(orphan.id).status == "running"  # type: ignore[union-attr]
+    finally:
+        app.close()
