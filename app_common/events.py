@@ -82,7 +82,7 @@ class MegabatchMetrics:
     wall_time_s: float
     train_time_s: float
     images_per_s: float
-    epochs: int
+    epochs: list[dict[str, Any]]  # per epoch: epoch, lr, train_loss, train_accuracy, val_accuracy
     # Eval mode, no augmentation, a fixed subset of the training data; None when not measured.
     train_accuracy_clean: float | None = None
     generalization_gap_clean: float | None = None
@@ -133,7 +133,7 @@ class StatusChanged:
 Event = RunStarted | Pruned | EpochEnded | MegabatchEnded | CheckpointWritten | RunEnded | StatusChanged
 
 EVENT_TYPES: dict[str, type] = {
-    cls.type: cls  # type: ignore[attr-defined]
+    cls.type: cls
     for cls in (RunStarted, Pruned, EpochEnded, MegabatchEnded, CheckpointWritten, RunEnded, StatusChanged)
 }
 # dataclass defaults of init=False fields are class attributes, so ``cls.type`` is the name above.
@@ -152,4 +152,5 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     values = {k: v for k, v in data.items() if k in names}
     if cls is MegabatchEnded and isinstance(values.get("metrics"), dict):
         values["metrics"] = MegabatchMetrics.from_dict(values["metrics"])
-    return cls(**values)
+    event: Event = cls(**values)
+    return event

@@ -63,9 +63,12 @@ def _read_record(out_dir: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint record ({exc})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: not a checkpoint record (a JSON object is expected)")
+    return record
 
 
 def load_checkpoint(out_dir: Path, spec_fingerprint: str) -> dict[str, Any] | None:

@@ -198,7 +198,8 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.normalize(x))  # [N, width, h, w]
-        return self.classifier(torch.flatten(self.pool(x), 1))  # [N, num_classes]
+        logits: torch.Tensor = self.classifier(torch.flatten(self.pool(x), 1))  # [N, num_classes]
+        return logits
 
 
 # --- mlp ------------------------------------------------------------------------------------------
@@ -228,7 +229,8 @@ class MLP(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.normalize(x)))
+        logits: torch.Tensor = self.classifier(self.features(self.normalize(x)))
+        return logits
 
 
 @register_model("mlp")
@@ -269,10 +271,33 @@ def cnn_small(
 # --- residual networks ----------------------------------------------------------------------------
 
 
-def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
-    """Identity, or a 1x1 conv + BN projection when the shape changes (prunable, unlike padding)."""
+class PadShortcut(nn.Module):
+    """He et al.'s option A: subsample by ``stride`` and zero-pad the new channels, no weights.
+
+    ``[N, c_in, H, W] -> [N, c_out, ceil(H / stride), ceil(W / stride)]``, the extra channels split
+    evenly before and after the input's (as the reference CIFAR ResNets do).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        if c_out < c_in:
+            raise ValueError(f"option-A shortcut cannot shrink {c_in} channels to {c_out}")
+        self.stride = stride
+        self.before = (c_out - c_in) // 2
+        self.after = c_out - c_in - self.before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return nn.functional.pad(x, (0, 0, 0, 0, self.before, self.after))
+
+
+def _shortcut(c_in: int, c_out: int, stride: int, kind: str = "projection") -> nn.Module:
+    """Identity, or when the shape changes a 1x1 conv + BN projection (``projection``, prunable)
+    or a zero-padded subsampled identity (``pad``, option A of He et al. 2016)."""
     if stride == 1 and c_in == c_out:
         return nn.Identity()
+    if kind == "pad":
+        return PadShortcut(c_in, c_out, stride)
     return nn.Sequential(*_conv_bn(c_in, c_out, kernel=1, stride=stride))
 
 
@@ -281,18 +306,19 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, c_in: int, width: int, stride: int):
+    def __init__(self, c_in: int, width: int, stride: int, shortcut: str = "projection"):
         super().__init__()
         c_out = width * self.expansion
         self.conv1, self.bn1 = _conv_bn(c_in, width, 3, stride)
         self.conv2, self.bn2 = _conv_bn(width, c_out, 3)
-        self.shortcut = _shortcut(c_in, c_out, stride)
+        self.shortcut = _shortcut(c_in, c_out, stride, shortcut)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        summed: torch.Tensor = self.relu(out + self.shortcut(x))
+        return summed
 
 
 class Bottleneck(nn.Module):
@@ -313,7 +339,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + self.shortcut(x))
+        summed: torch.Tensor = self.relu(out + self.shortcut(x))
+        return summed
 
 
 def _resnet(
@@ -326,6 +353,7 @@ def _resnet(
     num_classes: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    shortcut: str = "projection",
 ) -> nn.Module:
     """CIFAR-style ResNet: 3x3 stride-1 stem (no max-pool), stages halving the size after the first.
 
@@ -338,13 +366,19 @@ def _resnet(
     for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
         for i in range(depth):
             stride = 2 if stage > 0 and i == 0 else 1
-            layers.append(block(c_in, width, stride))
+            layers.append(
+                BasicBlock(c_in, width, stride, shortcut) if block is BasicBlock else block(c_in, width, stride)
+            )
             c_in = width * block.expansion
     return ImageClassifier(Normalize(mean, std, image=True), nn.Sequential(*layers), c_in, num_classes)
 
 
-def _register_cifar_resnet(name: str, n: int) -> None:
-    """He et al. (2016) CIFAR ResNet of depth 6n + 2: three stages of n basic blocks, 16/32/64 channels."""
+def _register_cifar_resnet(name: str, n: int, shortcut: str = "projection") -> None:
+    """He et al. (2016) CIFAR ResNet of depth 6n + 2: three stages of n basic blocks, 16/32/64 channels.
+
+    ``shortcut`` is how a block that changes shape adds its input: ``projection`` (1x1 conv + BN,
+    option B) or ``pad`` (option A, the paper's and the APP reference's: no extra weights).
+    """
 
     @register_model(name)
     def build(
@@ -359,6 +393,7 @@ def _register_cifar_resnet(name: str, n: int) -> None:
             num_classes=num_classes,
             mean=mean,
             std=std,
+            shortcut=shortcut,
         )
 
 
@@ -382,6 +417,7 @@ def _register_imagenet_resnet(name: str, block: type[BasicBlock] | type[Bottlene
 
 
 _register_cifar_resnet("resnet20", 3)
+_register_cifar_resnet("resnet20_a", 3, shortcut="pad")
 _register_cifar_resnet("resnet32", 5)
 _register_cifar_resnet("resnet56", 9)
 _register_imagenet_resnet("resnet18", BasicBlock, (2, 2, 2, 2))

@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -303,7 +303,7 @@ def select_masks(scores: Mapping[str, Tensor], masks: Masks, keep: float, scope:
     kept = _top_mask(vals, k)
     live = [i for i, c in enumerate(counts) if c > 0]
     if k >= len(live):
-        per_layer = torch.stack([seg.sum() for seg in kept.split(counts)]).tolist()
+        per_layer = torch.stack([seg.sum() for seg in torch.split(kept, counts)]).tolist()
         if any(per_layer[i] == 0 for i in live):
             # Lift every live layer's best weight (argmax takes the first maximum, as the selection
             # does) above all scores and select again: a layer that kept weights keeps its best one
@@ -316,7 +316,7 @@ def select_masks(scores: Mapping[str, Tensor], masks: Masks, keep: float, scope:
             lifted[best] = math.inf
             kept = _top_mask(lifted, k)
 
-    for name, (idx, _), seg in zip(names, alive, kept.split(counts), strict=True):
+    for name, (idx, _), seg in zip(names, alive, torch.split(kept, counts), strict=True):
         mask = masks[name]
         flat = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
         flat[idx[seg.to(idx.device)]] = True
@@ -341,7 +341,7 @@ def _scoring_copy(
     missing = [name for name in params if name not in named]
     if missing:
         raise KeyError(f"prunable parameters {missing} are not parameters of the model")
-    weights = [named[name] for name in params]
+    weights: list[Tensor] = [named[name] for name in params]
     with torch.no_grad():
         for name, w in zip(params, weights, strict=True):
             w.mul_(masks[name].to(device=w.device, dtype=w.dtype))
@@ -440,7 +440,7 @@ def grasp_scores(
         torch._foreach_add_(g, [gi.detach() for gi in grads])
     hg = [torch.zeros_like(w) for w in weights]
     for grads in _mean_loss_grads(net, weights, batches, temperature=GRASP_TEMPERATURE, create_graph=True):
-        z = sum((gi * grad).sum() for gi, grad in zip(g, grads, strict=True))
+        z = cast(Tensor, sum((gi * grad).sum() for gi, grad in zip(g, grads, strict=True)))
         # Weights that do not reach the loss (or a purely linear path) give no second-order term.
         hvp = torch.autograd.grad(z, weights, allow_unused=True)
         torch._foreach_add_(hg, [torch.zeros_like(w) if h is None else h for h, w in zip(hvp, weights, strict=True)])

@@ -2,12 +2,15 @@
 
 For each megabatch t = 1..N (APP_SPEC.md sections 1-3):
 
-1. prune (APP: to the schedule's density t; OSP: straight to the target at t = 1; dense: never),
-   scoring the current model on a slice of the current megabatch;
+1. prune when the schedule says so (APP: before every megabatch, to the schedule's density t; OSP:
+   straight to the target before t = 1; dense: never), scoring the current model on a slice of the
+   data (``sparsity.score_source``);
 2. train ``epochs`` epochs on the replayed data, restoring the best-validation epoch;
-3. evaluate on the fixed test set, record the metrics, write a checkpoint, emit the events.
+3. measure (test set, clean train accuracy), write a checkpoint, emit the events.
 
-Re-running into the same folder resumes after the last committed megabatch.
+Re-running into the same folder resumes after the last committed megabatch. A callback stops the
+run by raising :class:`StopRun`; the runner lets it unwind to one place, which writes the partial
+result.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ import platform
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 import app_engine
 from app_common.events import (
@@ -43,17 +47,24 @@ from app_engine.export import export_artifacts
 from app_engine.files import atomic_write_json
 from app_engine.models import create_model, prunable_parameters
 from app_engine.pruning import Masks, prune
-from app_engine.schedule import density_schedule
+from app_engine.schedule import PruneSchedule
 from app_engine.stream import Stream, few_shot_indices
-from app_engine.train import Runtime, StopRequested, evaluate, resolve_runtime, train_megabatch
+from app_engine.train import MegabatchTraining, Runtime, batch_bounds, evaluate, resolve_runtime, train_megabatch
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[Event], None]
+# Clean train accuracy is measured on at most this many of the step's training samples.
+CLEAN_TRAIN_SAMPLES = 1000
+# Purposes of the random streams derived from (seed, megabatch), see _seed_for.
+_PURPOSE_PRUNE = 1
+_PURPOSE_TRAIN = 2
+_PURPOSE_CLEAN = 3
 
 
 class StopRun(Exception):
-    """Raise from a callback to stop the run at the next epoch boundary."""
+    """Raise from a callback to stop the run. Every callback still sees the event; the run then
+    ends at once (a megabatch not finished is redone on resume) and writes a partial result."""
 
     def __init__(self, reason: str = "stopped by a callback"):
         super().__init__(reason)
@@ -84,26 +95,26 @@ def resolve_dataset_path(spec: JobSpec, data_root: Path | None) -> JobSpec:
 
 
 class _Emitter:
-    """Delivers events to every callback; a StopRun from any of them is remembered, not raised."""
+    """Delivers each event to every callback, then raises :class:`StopRun` if any of them asked
+    to stop (now or at an earlier deferred event)."""
 
     def __init__(self, callbacks: Sequence[Callback]):
         self.callbacks = list(callbacks)
         self.stop_reason: str | None = None
 
-    def __call__(self, event: Event) -> None:
+    def __call__(self, event: Event, *, defer_stop: bool = False) -> None:
         for callback in self.callbacks:
             try:
                 callback(event)
             except StopRun as stop:
                 self.stop_reason = self.stop_reason or stop.reason
-
-    def should_stop(self) -> bool:
-        return self.stop_reason is not None
+        if self.stop_reason is not None and not defer_stop:
+            raise StopRun(self.stop_reason)
 
 
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -114,7 +125,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"]))
+    np_state: Any = ("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"])
+    np.random.set_state(np_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -123,7 +135,7 @@ def _batches(
     x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     idx = idx.to(x.device)
-    return [(x[idx[i : i + batch_size]], y[idx[i : i + batch_size]]) for i in range(0, len(idx), batch_size)]
+    return [(x[idx[a:b]], y[idx[a:b]]) for a, b in batch_bounds(len(idx), batch_size)]
 
 
 def model_info(spec: JobSpec, data: Dataset) -> dict[str, Any]:
@@ -135,6 +147,106 @@ def model_info(spec: JobSpec, data: Dataset) -> dict[str, Any]:
         "std": list(data.std),
         "classes": list(data.classes),
     }
+
+
+@dataclass
+class _State:
+    """What a run carries from one megabatch to the next (and what a checkpoint restores)."""
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    masks: Masks
+    records: list[MegabatchMetrics] = field(default_factory=list)
+    optimizer_state: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> int:
+        return len(self.records)
+
+
+def _build(spec: JobSpec, data: Dataset, rt: Runtime) -> _State:
+    """The seeded initial model with all-ones masks over its prunable weights."""
+    torch.manual_seed(spec.training.seed)
+    model = create_model(
+        spec.architecture, input_shape=data.input_shape, num_classes=data.num_classes, mean=data.mean, std=data.std
+    ).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stub
+    params = prunable_parameters(model)
+    return _State(model=model, params=params, masks=Masks.ones(params))
+
+
+def _resume(state: _State, checkpoint: dict[str, Any], rt: Runtime) -> None:
+    """Restore model, masks, metrics, optimizer and RNG state after the checkpoint's megabatch."""
+    state.model.load_state_dict(checkpoint["model"])
+    state.masks.load_state_dict(checkpoint["masks"])
+    state.masks = state.masks.to(rt.device)
+    state.masks.apply_(state.model)
+    state.records = [MegabatchMetrics.from_dict(m) for m in json.loads(checkpoint["metrics"])]
+    state.optimizer_state = checkpoint.get("optimizer")
+    _set_rng_state(checkpoint["rng"])
+
+
+def _checkpoint(state: _State, t: int) -> dict[str, Any]:
+    return {
+        "megabatch": t,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer_state,
+        "masks": state.masks.state_dict(),
+        "rng": _rng_state(),
+        "metrics": json.dumps([r.to_dict() for r in state.records]),
+    }
+
+
+def _measure(
+    state: _State,
+    t: int,
+    trained: MegabatchTraining,
+    *,
+    schedule: PruneSchedule,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    rt: Runtime,
+    seed: int,
+    started: float,
+) -> MegabatchMetrics:
+    """The metrics of megabatch ``t`` after training (the best-validation epoch restored)."""
+    test_correct, test_total = evaluate(state.model, test[0], test[1], rt)
+    # Clean train accuracy: eval mode, no augmentation, on a fixed seeded subset of the samples
+    # trained on at this step (the running one is over augmented batches while the weights move).
+    gen = torch.Generator().manual_seed(_seed_for(seed, t, _PURPOSE_CLEAN))
+    subset = train_idx[torch.randperm(len(train_idx), generator=gen)[:CLEAN_TRAIN_SAMPLES]].to(train[0].device)
+    clean_correct, clean_total = evaluate(state.model, train[0][subset], train[1][subset], rt)
+    clean = clean_correct / clean_total
+    return MegabatchMetrics(
+        index=t,
+        train_samples=len(train_idx),
+        val_samples=len(val_idx),
+        target_density=schedule.target(t),
+        density=state.masks.density(),
+        layer_density=state.masks.layer_density(),
+        nonzero_params=int(sum(int((p != 0).sum()) for p in state.model.parameters())),
+        prunable_params=state.masks.total(),
+        test_accuracy=test_correct / test_total,
+        test_errors=test_total - test_correct,
+        test_total=test_total,
+        val_accuracy=trained.val_accuracy,
+        train_accuracy=trained.train_accuracy,
+        # Percentage points (APP_SPEC section 3): of the selected epoch, and of the last epoch
+        # as the reference logged it.
+        generalization_gap=100.0 * (trained.train_accuracy - trained.val_accuracy),
+        generalization_gap_last=100.0 * (trained.train_accuracy_last - trained.val_accuracy_last),
+        selected_epoch=trained.selected_epoch,
+        train_loss=trained.train_loss,
+        wall_time_s=time.perf_counter() - started,
+        train_time_s=trained.train_seconds,
+        images_per_s=trained.images / max(trained.train_seconds, 1e-9),
+        epochs=trained.epochs,
+        train_accuracy_clean=clean,
+        generalization_gap_clean=100.0 * (clean - trained.val_accuracy),
+    )
 
 
 def run(
@@ -170,121 +282,86 @@ def run(
     x_train, y_train = data.x_train.to(rt.device), data.y_train.to(rt.device)
     x_test, y_test = data.x_test.to(rt.device), data.y_test.to(rt.device)
 
-    torch.manual_seed(tr.seed)
-    model = create_model(
-        spec.architecture, input_shape=data.input_shape, num_classes=data.num_classes, mean=data.mean, std=data.std
-    ).to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params = prunable_parameters(model)
-    masks = Masks.ones(params)
-    schedule = density_schedule(spec.method, sp.resolved_tau, st.megabatches)
-    prunable_total = masks.total()
-    total_params = sum(p.numel() for p in model.parameters())
-
-    records: list[MegabatchMetrics] = []
-    done = 0
+    state = _build(spec, data, rt)
+    schedule = PruneSchedule.for_method(spec.method, sp.resolved_tau, st.megabatches)
+    total_params = sum(p.numel() for p in state.model.parameters())
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        masks.load_state_dict(checkpoint["masks"])
-        masks = masks.to(rt.device)
-        masks.apply_(model)
-        records = [MegabatchMetrics.from_dict(m) for m in json.loads(checkpoint["metrics"])]
-        done = int(checkpoint["megabatch"])
-        _set_rng_state(checkpoint["rng"])
-        log.info("resuming %s after megabatch %d of %d", out_dir, done, st.megabatches)
+        _resume(state, checkpoint, rt)
+        log.info("resuming %s after megabatch %d of %d", out_dir, state.done, st.megabatches)
 
-    emit(RunStarted(megabatches=st.megabatches, epochs=tr.epochs, resumed_after=done,
-                    device=str(rt.device), precision=rt.precision))
-
-    for t in range(done + 1, st.megabatches + 1):
-        if emit.should_stop():
-            break
-        t0 = time.perf_counter()
-        train_idx, val_idx = stream.train_indices(t), stream.val_indices(t)
-        keep = schedule[t - 1]
-        if spec.method == "app" or (spec.method == "osp" and t == 1):
-            score_idx = stream.score_indices(t, sp.score_fraction, sp.score_source)
-            masks = prune(
-                model, params, masks, pruner=sp.pruner, keep=keep, scope=sp.scope,
-                batches=_batches(x_train, y_train, score_idx, tr.batch_size),
-                seed=_seed_for(tr.seed, t, 1),
-            )
-            emit(Pruned(megabatch=t, target_density=keep, density=masks.density(), pruner=sp.pruner))
-        gen = torch.Generator().manual_seed(_seed_for(tr.seed, t, 2))
-        try:
+    try:
+        emit(RunStarted(megabatches=st.megabatches, epochs=tr.epochs, resumed_after=state.done,
+                        device=str(rt.device), precision=rt.precision))
+        for t in range(state.done + 1, st.megabatches + 1):
+            t0 = time.perf_counter()
+            train_idx, val_idx = stream.train_indices(t), stream.val_indices(t)
+            keep = schedule.prune_to(t)
+            if keep is not None:
+                score_idx = stream.score_indices(t, sp.score_fraction, sp.score_source)
+                state.masks = prune(
+                    state.model, state.params, state.masks, pruner=sp.pruner, keep=keep, scope=sp.scope,
+                    batches=_batches(x_train, y_train, score_idx, sp.score_batch_size or tr.batch_size),
+                    seed=_seed_for(tr.seed, t, _PURPOSE_PRUNE),
+                )
+                emit(Pruned(megabatch=t, target_density=keep, density=state.masks.density(), pruner=sp.pruner))
             trained = train_megabatch(
-                model, partial(masks.apply_, model), x_train, y_train, train_idx, val_idx, tr, augment_mode, rt,
-                gen, t, emit, emit.should_stop,
+                state.model, apply_masks=partial(state.masks.apply_, state.model), x=x_train, y=y_train,
+                train_idx=train_idx, val_idx=val_idx, spec=tr, augment_mode=augment_mode, rt=rt,
+                gen=torch.Generator().manual_seed(_seed_for(tr.seed, t, _PURPOSE_TRAIN)), megabatch=t, emit=emit,
+                optimizer_state=state.optimizer_state if tr.momentum_carry else None,
             )
-        except StopRequested:
-            break
-        test_correct, test_total = evaluate(model, x_test, y_test, rt)
-        layer_density = masks.layer_density()
-        record = MegabatchMetrics(
-            index=t,
-            train_samples=len(train_idx),
-            val_samples=len(val_idx),
-            target_density=keep if spec.method != "dense" else 1.0,
-            density=masks.density(),
-            layer_density=layer_density,
-            nonzero_params=int(sum(int((p != 0).sum()) for p in model.parameters())),
-            prunable_params=prunable_total,
-            test_accuracy=test_correct / test_total,
-            test_errors=test_total - test_correct,
-            test_total=test_total,
-            val_accuracy=trained.val_accuracy,
-            train_accuracy=trained.train_accuracy,
-            # Percentage points (APP_SPEC section 3): of the selected epoch, and of the last epoch
-            # as the reference logged it.
-            generalization_gap=100.0 * (trained.train_accuracy - trained.val_accuracy),
-            generalization_gap_last=100.0 * (trained.train_accuracy_last - trained.val_accuracy_last),
-            selected_epoch=trained.selected_epoch,
-            train_loss=trained.train_loss,
-            wall_time_s=time.perf_counter() - t0,
-            train_time_s=trained.train_seconds,
-            images_per_s=trained.images / max(trained.train_seconds, 1e-9),
-            epochs=trained.epochs,
-        )
-        records.append(record)
-        path = save_checkpoint(
-            out_dir,
-            t,
-            {
-                "megabatch": t,
-                "model": model.state_dict(),
-                "optimizer": trained.optimizer_state,
-                "masks": masks.state_dict(),
-                "rng": _rng_state(),
-                "metrics": json.dumps([r.to_dict() for r in records]),
-            },
-            fingerprint,
-        )
-        emit(CheckpointWritten(megabatch=t, path=str(path)))
-        emit(MegabatchEnded(megabatch=t, megabatches=st.megabatches, metrics=record))
-        log.info(
-            "megabatch %d/%d: test accuracy %.4f, density %.4f, generalisation gap %+.2f pp (%.1fs)",
-            t, st.megabatches, record.test_accuracy, record.density, record.generalization_gap, record.wall_time_s,
-        )
+            state.optimizer_state = trained.optimizer_state
+            record = _measure(
+                state, t, trained, schedule=schedule, train_idx=train_idx, val_idx=val_idx,
+                train=(x_train, y_train), test=(x_test, y_test), rt=rt, seed=tr.seed, started=t0,
+            )
+            state.records.append(record)
+            path = save_checkpoint(out_dir, t, _checkpoint(state, t), fingerprint)
+            log.info(
+                "megabatch %d/%d: test accuracy %.4f, density %.4f, generalisation gap %+.2f pp (%.1fs)",
+                t, st.megabatches, record.test_accuracy, record.density, record.generalization_gap, record.wall_time_s,
+            )
+            # Both events of a finished megabatch reach every callback before a stop takes effect.
+            emit(CheckpointWritten(megabatch=t, path=str(path)), defer_stop=True)
+            emit(MegabatchEnded(megabatch=t, megabatches=st.megabatches, metrics=record))
+    except StopRun:
+        log.info("run stopped after megabatch %d of %d: %s", state.done, st.megabatches, emit.stop_reason)
 
-    stopped = len(records) < st.megabatches
+    return _finish(submitted, spec, state, data, rt, out_dir, emit, total_params=total_params, started=t_start)
+
+
+def _finish(
+    submitted: JobSpec,
+    spec: JobSpec,
+    state: _State,
+    data: Dataset,
+    rt: Runtime,
+    out_dir: Path,
+    emit: _Emitter,
+    *,
+    total_params: int,
+    started: float,
+) -> RunResult:
+    """Write result.json (and, for a completed run, the artifacts) and emit RunEnded."""
+    records = state.records
+    stopped = len(records) < spec.stream.megabatches
     result = _summary(spec, records, rt, stopped, emit.stop_reason)
-    result["parameters"] = {"total": total_params, "prunable": prunable_total,
+    result["parameters"] = {"total": total_params, "prunable": state.masks.total(),
                             "nonzero": records[-1].nonzero_params if records else total_params}
     artifacts: dict[str, dict[str, Any]] = {}
     if not stopped:
         artifacts = export_artifacts(
-            model, masks.state_dict(), out_dir, spec=submitted, model_info=model_info(spec, data),
+            state.model, state.masks.state_dict(), out_dir, spec=submitted, model_info=model_info(spec, data),
             metrics={"megabatches": result["megabatches"], **{k: v for k, v in result.items() if k != "megabatches"}},
             formats=spec.export.formats,
         )
         sparse = artifacts.get("model.sparse.safetensors")
         result["sparse_model_bytes"] = sparse["bytes"] if sparse else None
     result["artifacts"] = {name: {k: v for k, v in a.items() if k != "path"} for name, a in artifacts.items()}
-    result["wall_time_s"] = time.perf_counter() - t_start
+    result["wall_time_s"] = time.perf_counter() - started
     atomic_write_json(out_dir / "result.json", result)
     emit(RunEnded(cer=result["cer"], final_test_accuracy=result["final_test_accuracy"],
-                  final_density=result["final_density"], stopped=stopped))
+                  final_density=result["final_density"], stopped=stopped), defer_stop=True)
     return RunResult(result=result, artifacts=artifacts, stopped=stopped, stop_reason=emit.stop_reason)
 
 

@@ -9,10 +9,13 @@ The three methods differ only in their schedule (APP_SPEC section 2):
   and the last one reaches the target ``0.8 ** tau``. Where ``tau < 1`` the first step would
   already be sparser than the target, so the schedule is constant at the target.
 
-A schedule is non-increasing, which is what makes nested masks possible.
+A schedule is non-increasing, which is what makes nested masks possible. :class:`PruneSchedule`
+adds *when* to prune: APP before every megabatch, OSP once before the first, dense never.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from app_common.spec import KEEP_BASE, METHODS, SparsitySpec
 
@@ -47,3 +50,33 @@ def density_schedule(method: str, tau: float, megabatches: int) -> list[float]:
 def schedule_for(spec_sparsity: SparsitySpec, method: str, megabatches: int) -> list[float]:
     """The schedule of a job's sparsity section (target sparsity or tau, resolved to tau)."""
     return density_schedule(method, spec_sparsity.resolved_tau, megabatches)
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """When the runner prunes, and to which density: ``prune_to(t)`` is the density to prune to
+    before training on megabatch ``t`` (1-based), or None when ``t`` is not a pruning step."""
+
+    densities: tuple[float, ...]  # the density schedule, one per megabatch
+    steps: frozenset[int]  # the megabatches before which the model is pruned
+
+    @classmethod
+    def for_method(cls, method: str, tau: float, megabatches: int) -> PruneSchedule:
+        densities = tuple(density_schedule(method, tau, megabatches))
+        if method == "app":
+            steps = frozenset(range(1, megabatches + 1))
+        elif method == "osp":
+            steps = frozenset({1})
+        else:
+            steps = frozenset()
+        return cls(densities, steps)
+
+    def __len__(self) -> int:
+        return len(self.densities)
+
+    def target(self, t: int) -> float:
+        """The schedule's density for megabatch ``t`` (1.0 throughout for dense)."""
+        return self.densities[t - 1]
+
+    def prune_to(self, t: int) -> float | None:
+        return self.densities[t - 1] if t in self.steps else None

@@ -183,8 +183,9 @@ class Stream:
         """Samples a pruner scores on before training on megabatch ``t``.
 
         ``k = ceil(fraction * megabatch_size)`` (at least 1, at most what is available): the first k
-        of megabatch t's train part (``"current"``; that part is already in seeded random order), or
-        a seeded sample of k from the train parts of megabatches 1..t (``"cumulative"``).
+        of megabatch t's train part (``"current"``; that part is already in seeded random order), a
+        seeded sample of k from the train parts of megabatches 1..t (``"cumulative"``), or the first
+        k of megabatch 1's train part whatever t (``"first"``, the APP reference's choice).
         """
         current = self.megabatch(t)
         if not 0.0 < fraction <= 1.0:
@@ -193,6 +194,8 @@ class Stream:
         k = max(1, math.ceil(fraction * self.megabatch_size - 1e-9))
         if source == "current":
             return current.train_idx[:k].clone()
+        if source == "first":
+            return self.megabatches[0].train_idx[:k].clone()
         if source == "cumulative":
             pool = torch.cat([m.train_idx for m in self.megabatches[:t]])
             pick = torch.randperm(pool.numel(), generator=_generator(self.seed, _SALT_SCORE, t))[:k]

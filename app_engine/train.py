@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,10 +41,14 @@ class Runtime:
     def precision(self) -> str:
         return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager[Any]:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def _mkldnn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]  # untyped in torch
 
 
 def cpu_has_native_bf16() -> bool:
@@ -54,7 +58,7 @@ def cpu_has_native_bf16() -> bool:
     torch functions, so a torch without them counts as "no".
     """
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return torch.backends.mkldnn.is_available() and any(
+    return _mkldnn_available() and any(
         bool(getattr(torch.cpu, name, lambda: False)()) for name in probes
     )
 
@@ -84,7 +88,7 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     else:
         dtype = torch.bfloat16 if cpu_has_native_bf16() else None
-    channels_last = dev.type == "cuda" or torch.backends.mkldnn.is_available()
+    channels_last = dev.type == "cuda" or _mkldnn_available()
     return Runtime(device=dev, autocast_dtype=dtype, channels_last=channels_last)
 
 
@@ -146,8 +150,30 @@ def lr_at(spec: TrainingSpec, epoch: int, step: int, steps_per_epoch: int) -> fl
     return lr
 
 
-class StopRequested(Exception):
-    """Raised inside the loop when a callback asked the run to stop."""
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of consecutive batches over ``n`` samples, a final batch of one sample
+    merged into the one before: batch norm in train mode cannot normalise a single sample whose
+    feature maps are 1x1 ("Expected more than 1 value per channel")."""
+    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def make_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.SGD:
+    """SGD with two parameter groups: weights (decayed) and 1-D parameters (biases, normalisation
+    scales and shifts), exempt from weight decay unless ``spec.decay_norms_and_biases``. The two
+    groups exist either way, so a carried optimizer state always fits."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
+        (decay if p.dim() > 1 else no_decay).append(p)
+    no_decay_wd = spec.weight_decay if spec.decay_norms_and_biases else 0.0
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": no_decay_wd}],
+        lr=spec.lr,
+        momentum=spec.momentum,
+    )
 
 
 @dataclass
@@ -168,6 +194,7 @@ class MegabatchTraining:
 
 def train_megabatch(
     model: nn.Module,
+    *,
     apply_masks: Callable[[], None],
     x: torch.Tensor,
     y: torch.Tensor,
@@ -178,24 +205,21 @@ def train_megabatch(
     rt: Runtime,
     gen: torch.Generator,
     megabatch: int,
-    emit: Callable[[Any], None],
-    should_stop: Callable[[], bool],
+    emit: Callable[[EpochEnded], None],
+    optimizer_state: dict[str, Any] | None = None,
 ) -> MegabatchTraining:
     """Train ``spec.epochs`` epochs on ``x[train_idx]`` and restore the best-validation epoch.
 
-    ``apply_masks`` is called after every optimizer step to keep pruned weights at zero;
-    ``should_stop`` is polled after every epoch and raises :class:`StopRequested` when true.
+    ``apply_masks`` is called after every optimizer step to keep pruned weights at zero. ``emit``
+    receives an :class:`EpochEnded` after every epoch; whatever it raises (the runner's ``StopRun``)
+    ends the training there. ``optimizer_state`` (the previous megabatch's, with
+    ``spec.momentum_carry``) carries the SGD momentum over.
     """
-    # A fresh SGD per megabatch: the LR schedule restarts and the momentum of the previous
-    # megabatch's last (not selected) epoch does not leak into the restored model.
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() > 1 else no_decay).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.lr,
-        momentum=spec.momentum,
-    )
+    # By default a fresh SGD per megabatch: the momentum of the previous megabatch's last (not
+    # selected) epoch does not leak into the restored model. The LR schedule restarts either way.
+    optimizer = make_optimizer(model, spec)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     train_idx = train_idx.to(rt.device)
     x_val, y_val = x[val_idx.to(rt.device)], y[val_idx.to(rt.device)]
     n = len(train_idx)
@@ -223,7 +247,7 @@ def train_megabatch(
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
             optimizer.step()
             apply_masks()
             loss_sum += loss.detach() * len(idx)
@@ -262,8 +286,6 @@ def train_megabatch(
                 val_accuracy=val_acc,
             )
         )
-        if should_stop():
-            raise StopRequested
     assert best_state is not None
     model.load_state_dict(best_state)
     best = history[best_epoch - 1]

@@ -267,8 +267,9 @@ def train_engine(problem: Problem, arch: str, size: int, epochs: int, batch_size
     _sync(rt.device)
     t0 = time.perf_counter()
     train_megabatch(
-        model, lambda: masks.apply_(model), x, y, problem.train_idx, problem.val_idx, spec, "crop_flip", rt,
-        gen, 1, lambda event: None, lambda: False,
+        model, apply_masks=lambda: masks.apply_(model), x=x, y=y, train_idx=problem.train_idx,
+        val_idx=problem.val_idx, spec=spec, augment_mode="crop_flip", rt=rt, gen=gen, megabatch=1,
+        emit=lambda event: None,
     )
     _sync(rt.device)
     return time.perf_counter() - t0
@@ -319,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="the engine's precision (the conventional side is always fp32)")
     parser.add_argument("--engine-layout", choices=("auto", "nchw", "nhwc"), default="auto",
-                        help="the engine's memory format (auto: resolve_runtime's choice; the conventional side is NCHW)")
+                        help="the engine's memory format "
+                        "(auto: resolve_runtime's choice; the conventional side is NCHW)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")

@@ -571,3 +571,46 @@ def test_loaded_masks_are_applied_after_reload() -> None:
     masks.apply_(params)
     assert torch.equal(layer.weight.detach() != 0, torch.eye(4, dtype=torch.bool))
     assert math.isclose(masks.density(), 0.25)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn_small"])
+def test_grasp_keeps_the_gradient_flow_and_its_negation_collapses_it(arch: str) -> None:
+    """GraSP keeps the weights whose removal would reduce the gradient norm ||g||^2 the most
+    (keep score ``w * Hg``, largest kept). So keeping by that score must leave ||g||^2 about where
+    it was (it may grow), and keeping by its negation must collapse it. Guards the sign: flipping
+    it (an old reading of the paper) swaps the two outcomes."""
+    from app_common.spec import DatasetSpec
+    from app_engine.data import load_dataset
+    from app_engine.models import create_model, prunable_parameters
+    from app_engine.pruning import grasp_scores
+
+    digits = load_dataset(DatasetSpec(name="digits"), seed=0)
+    torch.manual_seed(0)
+
+    def build() -> nn.Module:
+        return create_model(arch, input_shape=digits.input_shape, num_classes=10, mean=digits.mean, std=digits.std)
+
+    model = build()
+    params = prunable_parameters(model)
+    masks = Masks.ones(params)
+    x, y = digits.x_train[:256], digits.y_train[:256]
+
+    def grad_norm(kept: Masks) -> float:
+        net = build()
+        net.load_state_dict(model.state_dict())
+        net.train()
+        named = dict(net.named_parameters())
+        with torch.no_grad():
+            for name, mask in kept.items():
+                named[name].mul_(mask)
+        loss = F.cross_entropy(net(x) / GRASP_TEMPERATURE, y)
+        grads = torch.autograd.grad(loss, [named[n] for n in params])
+        return float(sum((g * kept[n]).pow(2).sum() for g, n in zip(grads, params, strict=True)))
+
+    scores = grasp_scores(model, params, masks, [(x[:128], y[:128]), (x[128:], y[128:])], seed=0)
+    full = grad_norm(masks)
+    kept_by_score = grad_norm(select_masks(scores, masks, 0.2))
+    kept_by_negation = grad_norm(select_masks({n: -s for n, s in scores.items()}, masks, 0.2))
+    assert kept_by_score > 0.8 * full
+    assert kept_by_negation < 0.3 * full
+    assert kept_by_negation < kept_by_score / 3

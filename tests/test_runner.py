@@ -222,3 +222,68 @@ def test_fingerprint_is_of_the_submitted_spec_so_another_data_root_resumes(tmp_p
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["spec_fingerprint"] == spec.fingerprint()
     assert json.loads((out / "checkpoint.json").read_text())["spec_fingerprint"] == spec.fingerprint()
+
+
+def test_one_sample_scoring_tail_joins_the_batch_before(tmp_path):
+    """The issue's crash: resnet18 at 8x8 ends in 1x1 maps, so a scoring batch of one sample
+    failed in train-mode batch norm (megabatch 359, k = 72 scoring samples, batches of 71)."""
+    spec = JobSpec.from_dict({
+        "dataset": {"name": "digits"}, "architecture": "resnet18", "method": "app",
+        "stream": {"megabatches": 4}, "training": {"epochs": 1, "batch_size": 71},
+    })
+
+    def stop_after_pruning(event):
+        if isinstance(event, Pruned):
+            raise StopRun("pruned once")
+
+    events: list = []
+    outcome = run(spec, tmp_path, callbacks=[stop_after_pruning, events.append])
+    assert outcome.stopped and outcome.stop_reason == "pruned once"
+    pruned = [e for e in events if isinstance(e, Pruned)]
+    assert len(pruned) == 1 and pruned[0].density == pytest.approx(0.8, abs=1e-3)
+
+
+def test_scoring_source_first_and_score_batch_size(tmp_path, monkeypatch):
+    import app_engine.runner as runner_module
+
+    seen: list[list[torch.Tensor]] = []
+    real_prune = runner_module.prune
+
+    def spy(*args, **kw):
+        seen.append([x for x, _ in kw["batches"]])
+        return real_prune(*args, **kw)
+
+    monkeypatch.setattr(runner_module, "prune", spy)
+    spec = JobSpec.from_dict({
+        "dataset": {"name": "digits"}, "architecture": "cnn_small", "method": "app",
+        "sparsity": {"score_source": "first", "score_batch_size": 10},
+        "stream": {"megabatches": 4}, "training": {"epochs": 1},
+    })
+
+    def stop(event):
+        if isinstance(event, Pruned) and event.megabatch == 2:
+            raise StopRun()
+
+    run(spec, tmp_path, callbacks=[stop])
+    assert len(seen) == 2
+    # k = ceil(0.2 * 359) = 72 samples in batches of 10: seven of 10 and a tail of 2.
+    assert [len(x) for x in seen[0]] == [10] * 7 + [2]
+    # "first": megabatch 2 is scored on the same samples as megabatch 1.
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[1], strict=True))
+
+
+def test_clean_train_accuracy_and_momentum_carry_resume_identically(tmp_path):
+    spec = digits_spec("app", megabatches=3, epochs=1, momentum_carry=True, decay_norms_and_biases=True)
+
+    def stop(event):
+        if isinstance(event, MegabatchEnded) and event.megabatch == 1:
+            raise StopRun()
+
+    run(spec, tmp_path / "resumed", callbacks=[stop])
+    resumed = run(spec, tmp_path / "resumed")
+    straight = run(spec, tmp_path / "straight")
+    assert comparable(resumed.result) == comparable(straight.result)
+    for m in straight.result["megabatches"]:
+        assert 0.0 <= m["train_accuracy_clean"] <= 1.0
+        assert m["generalization_gap_clean"] == pytest.approx(100 * (m["train_accuracy_clean"] - m["val_accuracy"]))
+        assert m["generalization_gap"] == pytest.approx(100 * (m["train_accuracy"] - m["val_accuracy"]))

@@ -80,3 +80,17 @@ def test_rejects_bad_arguments() -> None:
         density_schedule("app", -1.0, 8)
     with pytest.raises(ValueError, match="tau"):
         density_schedule("app", float("nan"), 8)
+
+
+@pytest.mark.parametrize(
+    ("method", "steps"), [("app", [1, 2, 3, 4]), ("osp", [1]), ("dense", [])]
+)
+def test_the_schedule_decides_when_to_prune(method: str, steps: list[int]) -> None:
+    from app_engine.schedule import PruneSchedule
+
+    schedule = PruneSchedule.for_method(method, 4.5, 4)
+    assert len(schedule) == 4
+    assert [t for t in range(1, 5) if schedule.prune_to(t) is not None] == steps
+    assert [schedule.target(t) for t in range(1, 5)] == density_schedule(method, 4.5, 4)
+    for t in steps:
+        assert schedule.prune_to(t) == schedule.target(t)

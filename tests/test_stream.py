@@ -187,3 +187,12 @@ def test_impossible_megabatch_size_is_a_spec_refusal() -> None:
 
     with pytest.raises(SpecInputError, match="megabatch_size"):
         Stream(100, StreamSpec(megabatches=4, megabatch_size=30), seed=0)
+
+
+def test_score_source_first_is_the_start_of_megabatch_one_at_every_step() -> None:
+    stream = Stream(1000, StreamSpec(megabatches=5), seed=3)
+    k = math.ceil(0.2 * stream.megabatch_size)
+    first = stream.megabatch(1).train_idx[:k]
+    for t in range(1, 6):
+        assert torch.equal(stream.score_indices(t, 0.2, "first"), first)
+    assert not torch.equal(stream.score_indices(3, 0.2, "current"), first)

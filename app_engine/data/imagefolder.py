@@ -37,10 +37,9 @@ def _read_image(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as img:
             # JPEG can decode directly at a reduced scale (>= size): far faster for large photos.
             img.draft("RGB", (size, size))
-            if img.mode in ("P", "PA"):
-                # Palette transparency must go through RGBA before RGB (Pillow warns otherwise).
-                img = img.convert("RGBA")
-            rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            # Palette transparency must go through RGBA before RGB (Pillow warns otherwise).
+            source = img.convert("RGBA") if img.mode in ("P", "PA") else img
+            rgb = source.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(rgb, dtype=np.uint8)  # [H, W, 3]
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
