@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     # it must exceed the longest job (acks late), so the default is a day.
     visibility_timeout_s: int = Field(86400, ge=60)
     cancel_grace_s: float = Field(
-        300.0, gt=0.0, description="A cancelling job still running this long after its worker saw the flag is terminated."
+        300.0,
+        gt=0.0,
+        description="A cancelling job still running this long after its worker saw the flag is terminated.",
     )
     celery_key_prefix: str = Field(
         "",

@@ -36,7 +36,9 @@ def readyz(store: StoreDep) -> Health:
     operation_id="prometheus_metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={
+        200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    },
 )
 async def prometheus_metrics(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
     metrics: ApiMetrics = request.app.state.metrics

@@ -92,7 +92,9 @@ class EventOps(StoreBase):
         )
         return str(entry_id) if entry_id else None
 
-    def read_events(self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int = 100) -> list[Entry]:
+    def read_events(
+        self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int = 100
+    ) -> list[Entry]:
         """Events after stream id ``after`` (oldest first), at most ``count``.
 
         ``block_ms`` waits that long for new entries; the client's socket timeout must be longer.
