@@ -59,7 +59,7 @@ def tau_from_sparsity(target_sparsity: float) -> float:
 
 
 def sparsity_from_tau(tau: float) -> float:
-    return 1.0 - KEEP_BASE**tau
+    return 1.0 - float(KEEP_BASE**tau)
 
 
 class _Strict(BaseModel):
@@ -137,7 +137,7 @@ class SparsitySpec(_Strict):
     def target_density(self) -> float:
         if self.target is not None:
             return 1.0 - self.target
-        return KEEP_BASE**self.resolved_tau
+        return float(KEEP_BASE**self.resolved_tau)
 
 
 class StreamSpec(_Strict):
@@ -198,8 +198,12 @@ class TrainingSpec(_Strict):
         return sorted({max(1, round(self.epochs * 0.4)), max(1, round(self.epochs * 0.8))})
 
 
+def _default_formats() -> list[ExportFormat]:
+    return ["safetensors", "sparse"]
+
+
 class ExportSpec(_Strict):
-    formats: list[ExportFormat] = Field(default_factory=lambda: ["safetensors", "sparse"])
+    formats: list[ExportFormat] = Field(default_factory=_default_formats)
 
 
 class JobSpec(_Strict):

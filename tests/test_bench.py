@@ -42,7 +42,8 @@ def test_script_prints_both_rates_and_their_ratio(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    rows = dict(re.findall(r"^(conventional|engine)\s+(?:fp32|bf16)\s+(?:nchw|nhwc)\s+([0-9.]+)$", proc.stdout, re.MULTILINE))
+    row = r"^(conventional|engine)\s+(?:fp32|bf16)\s+(?:nchw|nhwc)\s+([0-9.]+)$"
+    rows = dict(re.findall(row, proc.stdout, re.MULTILINE))
     assert set(rows) == {"conventional", "engine"}, proc.stdout
     found = re.search(r"^ratio engine/conventional: ([0-9.]+)x$", proc.stdout, re.MULTILINE)
     assert found is not None, proc.stdout

@@ -25,6 +25,7 @@ from app_common.spec import DatasetSpec, JobSpec
 from app_engine.data import Dataset, load_dataset
 from app_engine.export import export_artifacts, fold_masks, load_model
 from app_engine.loading import MANIFEST_FILE, MASKS_FILE, MODEL_FILE, REPORT_FILE, SPARSE_FILE, load_run_masks
+from app_engine.models import create_model, prunable_parameters
 from app_engine.sparse import (
     MASKS_META_KEY,
     SPARSE_META_KEY,
@@ -35,7 +36,6 @@ from app_engine.sparse import (
     save_sparse,
     sparse_layout,
 )
-from app_engine.models import create_model, prunable_parameters
 
 TAU = 4.5
 DENSITY = 0.8**TAU  # 0.3664

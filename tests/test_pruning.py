@@ -65,7 +65,7 @@ class MLP(nn.Module):
         super().__init__()
         self.normalize = Normalize(mean, std)
         widths = (mean.numel(), *hidden)
-        self.hidden = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths, widths[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths, widths[1:], strict=False))
         self.classifier = nn.Linear(widths[-1], 10, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -307,7 +307,7 @@ def test_grasp_is_weight_times_hessian_gradient_product() -> None:
     flat0 = torch.cat([p.detach().flatten() for p in params.values()])
 
     def loss(flat: Tensor) -> Tensor:
-        tensors = {n: t.view(s) for n, t, s in zip(params, flat.split(sizes), shapes)}
+        tensors = {n: t.view(s) for n, t, s in zip(params, flat.split(sizes), shapes, strict=True)}
         logits = torch.func.functional_call(model, tensors, (x,)) / GRASP_TEMPERATURE
         return F.cross_entropy(logits, y)
 
@@ -315,7 +315,7 @@ def test_grasp_is_weight_times_hessian_gradient_product() -> None:
     hess = torch.autograd.functional.hessian(loss, flat0)
     expected = (flat0 * (hess @ g)).split(sizes)
     scores = PRUNERS["grasp"](model, params, Masks.ones(params), [(x[:4], y[:4]), (x[4:], y[4:])], seed=0)
-    for (name, s), e, shape in zip(scores.items(), expected, shapes):
+    for s, e, shape in zip(scores.values(), expected, shapes, strict=True):
         assert s.abs().max() > 0
         torch.testing.assert_close(s, e.view(shape), rtol=1e-7, atol=1e-16)
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from app_common.events import EpochEnded, MegabatchEnded, event_from_dict, event_to_dict
-from app_common.spec import JobSpec, SpecError, SparsitySpec, TrainingSpec, sparsity_from_tau, tau_from_sparsity
+from app_common.events import EpochEnded, MegabatchEnded, MegabatchMetrics, event_from_dict, event_to_dict
+from app_common.spec import JobSpec, SparsitySpec, SpecError, TrainingSpec, sparsity_from_tau, tau_from_sparsity
 
 
 def test_target_sparsity_and_tau_describe_the_same_density():
@@ -64,8 +64,34 @@ def test_events_round_trip_through_dicts():
     epoch = EpochEnded(megabatch=1, epoch=2, epochs=3, lr=0.1, train_loss=0.5, train_accuracy=0.9, val_accuracy=0.8)
     assert event_from_dict(event_to_dict(epoch)) == epoch
     assert event_to_dict(epoch)["type"] == "epoch_ended"
-    ended = MegabatchEnded(megabatch=1, megabatches=4, metrics={"index": 1, "density": 0.8})
-    assert event_from_dict({**event_to_dict(ended), "extra": "ignored"}) == ended
+    metrics = MegabatchMetrics(
+        index=1, train_samples=90, val_samples=10, target_density=0.8, density=0.8, layer_density={"w": 0.8},
+        nonzero_params=800, prunable_params=1000, test_accuracy=0.9, test_errors=10, test_total=100,
+        val_accuracy=0.85, train_accuracy=0.95, generalization_gap=10.0, generalization_gap_last=11.0,
+        selected_epoch=2, train_loss=0.2, wall_time_s=1.0, train_time_s=0.8, images_per_s=100.0,
+        epochs=[{"epoch": 1}, {"epoch": 2}], train_accuracy_clean=0.93, generalization_gap_clean=8.0,
+    )
+    ended = MegabatchEnded(megabatch=1, megabatches=4, metrics=metrics)
+    wire = event_to_dict(ended)
+    # On the wire the metrics are a flat dict (the JSON of result.json's megabatch entries).
+    assert wire["metrics"] == metrics.to_dict() and wire["metrics"]["index"] == 1
+    back = event_from_dict({**wire, "extra": "ignored", "metrics": {**wire["metrics"], "newer_key": 1}})
+    assert back == ended and isinstance(back, MegabatchEnded) and isinstance(back.metrics, MegabatchMetrics)
     with pytest.raises(ValueError, match="unknown event type"):
         event_from_dict({"type": "nonsense"})
     assert math.isclose(epoch.lr, 0.1)
+
+
+def test_reference_options_default_to_todays_behaviour():
+    spec = JobSpec()
+    assert spec.sparsity.score_batch_size is None and spec.sparsity.score_source == "current"
+    assert spec.training.momentum_carry is False and spec.training.decay_norms_and_biases is False
+    reference = JobSpec.from_dict({
+        "architecture": "resnet20_a",
+        "sparsity": {"score_source": "first", "score_batch_size": 100},
+        "training": {"momentum_carry": True, "decay_norms_and_biases": True, "precision": "fp32"},
+    })
+    assert reference.fingerprint() != spec.fingerprint()
+    with pytest.raises(SpecError, match="sparsity.score_batch_size"):
+        JobSpec.from_dict({"sparsity": {"score_batch_size": 0}})
+    assert "fp32" in (TrainingSpec.model_fields["precision"].description or "")
