@@ -15,3 +15,8 @@ class RunInputError(ValueError):
 
 class SpecInputError(RunInputError):
     """The spec asks for something this engine cannot do (beyond what the schema checks)."""
+
+
+class TrainingDiverged(RunInputError):
+    """The loss became NaN or infinite. Runs are deterministic, so a retry diverges the same way:
+    the settings (usually ``training.lr``) must change."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from app_common.events import EpochEnded
 from app_common.spec import TrainingSpec
+from app_engine.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def train_megabatch(
         }
         history.append(record)
         if not math.isfinite(train_loss):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"training diverged at megabatch {megabatch}, epoch {epoch + 1} (loss {train_loss}); "
                 "lower training.lr"
             )

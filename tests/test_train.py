@@ -116,3 +116,28 @@ def test_a_stop_raised_by_emit_ends_training() -> None:
             train_idx=torch.arange(16), val_idx=torch.arange(16, 20), spec=spec(epochs=3, batch_size=8),
             augment_mode="none", rt=resolve_runtime("cpu", "fp32"), gen=torch.Generator(), megabatch=1, emit=emit,
         )
+
+
+def test_a_diverging_run_is_an_input_error_that_names_the_lr() -> None:
+    """NaN loss is deterministic for a given spec: it is the input's fault (RunInputError, so the
+    service fails the job instead of retrying it) and the message says what to change."""
+    from sklearn.datasets import load_digits
+
+    from app_engine.errors import RunInputError, TrainingDiverged
+
+    digits = load_digits()
+    # Pixels scaled by 1e20 and lr 10: the first step sends the weights to ~1e22 and the next
+    # logits past float32's range.
+    x = torch.tensor(digits.data[:128], dtype=torch.float32) * 1e20
+    y = torch.tensor(digits.target[:128], dtype=torch.int64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 10))
+    s = spec(epochs=2, lr=10.0, momentum=0.0, precision="fp32")
+    rt = resolve_runtime("cpu", "fp32")
+    idx = torch.arange(128)
+    with pytest.raises(TrainingDiverged, match="training.lr") as info:
+        train_megabatch(
+            model, apply_masks=lambda: None, x=x, y=y, train_idx=idx[:96], val_idx=idx[96:], spec=s,
+            augment_mode="none", rt=rt, gen=torch.Generator().manual_seed(0), megabatch=1, emit=lambda event: None,
+        )
+    assert isinstance(info.value, RunInputError)
