@@ -32,15 +32,13 @@ from anytime_prune.client_cli import (
     report_api_error,
     summarise_final,
 )
+from app_common.tasks import QUEUE_NAMES
 
 if TYPE_CHECKING:
     from app_common.store import JobStore
 
 log = logging.getLogger("anytime_prune")
 
-# The Celery queues (app_common.settings.QUEUE_NAMES, which a test compares with this): settings
-# imports pydantic-settings, which the client extra lacks, and the parser is built for every verb.
-QUEUES = ("cpu", "gpu")
 
 # The demo job of ``serve --demo``: small enough for a laptop CPU in well under a minute, big
 # enough to show APP pruning a network to 36.6 % density over a stream of 4 megabatches.
@@ -358,7 +356,7 @@ def add_serve_commands(sub: Any) -> None:
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--artifacts-dir", help="where jobs write their files (default: $APP_ARTIFACTS_DIR)")
     s.add_argument("--data-dir", help="root of dataset paths in job specs (default: $APP_DATA_DIR)")
-    s.add_argument("--queue", choices=QUEUES, default="cpu", help="the queue of the worker")
+    s.add_argument("--queue", choices=QUEUE_NAMES, default="cpu", help="the queue of the worker")
     s.add_argument("--demo", action="store_true", help="after start-up, run a digits APP job and download it")
     s.add_argument("--demo-out", default="demo-artifacts", help="folder for the demo's artifacts")
     s.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done (with --demo)")
@@ -379,7 +377,9 @@ def add_serve_commands(sub: Any) -> None:
     a.set_defaults(func=cmd_api)
 
     w = sub.add_parser("worker", help="a worker (one job at a time); settings from the environment")
-    w.add_argument("--queue", choices=QUEUES, required=True, help="the Celery queue to consume (one job at a time)")
+    w.add_argument(
+        "--queue", choices=QUEUE_NAMES, required=True, help="the Celery queue to consume (one job at a time)"
+    )
     w.add_argument("--loglevel", default="INFO", type=str.upper)
     w.add_argument("--hostname", help="Celery node name (default: <queue>@<host>)")
     w.set_defaults(func=cmd_worker)

@@ -13,9 +13,10 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app_common.tasks import QUEUE_NAMES
+
 # Celery queue names: spec device ``cuda`` goes to ``gpu``, ``cpu`` to ``cpu``, ``auto`` to the
 # configured default queue.
-QUEUE_NAMES = ("cpu", "gpu")
 
 
 class Settings(BaseSettings):

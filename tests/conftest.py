@@ -17,6 +17,7 @@ import redis
 
 from app_common.redis_server import EmbeddedRedis
 from app_common.store import JobStore, make_redis
+from s3_server import S3Server, run_seaweedfs
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +55,27 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
 @pytest.fixture
 def store(redis_client: redis.Redis, key_prefix: str) -> JobStore:
     return JobStore(redis_client, prefix=key_prefix, events_maxlen=1000)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS) on 127.0.0.1, started once per session."""
+    with run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A new, empty bucket on the session's S3 server (bucket names: lowercase, digits, '-')."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    )
+    client.create_bucket(Bucket=name)
+    return name

@@ -12,7 +12,6 @@ from anytime_prune.cli import build_parser
 from anytime_prune.client import JobEvent
 from anytime_prune.client_cli import EventProgress, latest_metrics
 from anytime_prune.engine_cli import megabatch_table
-from anytime_prune.serve_cli import QUEUES
 from app_common.events import (
     STATUSES,
     MegabatchEnded,
@@ -21,7 +20,7 @@ from app_common.events import (
     StatusChanged,
     event_to_dict,
 )
-from app_common.settings import QUEUE_NAMES
+from app_common.tasks import QUEUE_NAMES
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -35,11 +34,12 @@ def test_every_verb_is_wired_in_help_order() -> None:
                      "submit", "status", "watch", "list", "cancel", "download"]
 
 
-def test_queue_choices_are_the_settings_queues() -> None:
-    # The CLI keeps its own tuple (settings needs pydantic-settings, which the client extra lacks).
-    assert QUEUES == QUEUE_NAMES
-    for argv in (["serve", "--queue", "gpu"], ["worker", "--queue", "cpu"]):
-        assert build_parser().parse_args(argv).queue == argv[-1]
+def test_queue_choices_are_the_task_contracts_queues() -> None:
+    for name in QUEUE_NAMES:
+        for argv in (["serve", "--queue", name], ["worker", "--queue", name]):
+            assert build_parser().parse_args(argv).queue == name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--queue", "tpu"])
 
 
 @pytest.mark.parametrize("status", STATUSES)

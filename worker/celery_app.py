@@ -28,7 +28,8 @@ from celery import Celery
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from kombu.entity import Exchange, Queue
 
-from app_common.settings import QUEUE_NAMES, Settings
+from app_common.settings import Settings
+from app_common.tasks import QUEUE_NAMES
 from worker.tasks import register_tasks
 
 log = logging.getLogger(__name__)

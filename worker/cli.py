@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from app_common.settings import QUEUE_NAMES, Settings
+from app_common.settings import Settings
+from app_common.tasks import QUEUE_NAMES
 
 log = logging.getLogger(__name__)
 
