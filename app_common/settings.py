@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app_common.storage import Storage, open_storage
 from app_common.tasks import QUEUE_NAMES
 
 # Celery queue names: spec device ``cuda`` goes to ``gpu``, ``cpu`` to ``cpu``, ``auto`` to the
@@ -33,8 +34,30 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         1.0, gt=0.0, le=60.0, description="Connect and read timeout of Redis calls: fail fast, answer 503."
     )
-    artifacts_dir: Path = Field(Path("./runs/artifacts"), description="{artifacts_dir}/{job_id}/ is a job's out_dir.")
+    artifacts_dir: Path = Field(
+        Path("./runs/artifacts"),
+        description="A worker's local work folder: {artifacts_dir}/{job_id}/ is a job's out_dir.",
+    )
     data_dir: Path = Field(Path("./data"), description="Root under which a spec's dataset.path is resolved.")
+    storage_url: str | None = Field(
+        None,
+        description="s3://bucket/prefix for an S3-compatible object store (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_REGION configure it); unset: files live in storage_dir (one host).",
+    )
+    storage_dir: Path = Field(
+        Path("./runs/storage"), description="The object store's folder when storage_url is unset."
+    )
+    storage_public_url: str | None = Field(
+        None, description="The object store's address as clients reach it, when it differs from the workers' "
+        "(presigned links are signed for it)."
+    )
+    cache_dir: Path = Field(Path("./runs/cache"), description="A worker's local copies of datasets, by sha256.")
+    cache_max_bytes: int = Field(20 * 2**30, ge=0, description="Least recently used datasets are evicted past this.")
+    max_dataset_bytes: int = Field(2 * 2**30, ge=1, description="Largest dataset upload accepted.")
+    max_dataset_extracted_bytes: int = Field(
+        8 * 2**30, ge=1, description="Largest total size an uploaded archive (or .npz) may unpack to."
+    )
+    max_dataset_members: int = Field(200_000, ge=1, description="Most files an uploaded archive (or .npz) may hold.")
     signing_secret: str | None = Field(
         None,
         repr=False,
@@ -98,6 +121,10 @@ class Settings(BaseSettings):
         if self.default_queue not in self.queues:
             raise ValueError(f"default_queue {self.default_queue!r} is not one of queues {self.queues}")
         return self
+
+    def open_storage(self) -> Storage:
+        """The object store these settings name (see :func:`app_common.storage.open_storage`)."""
+        return open_storage(self.storage_url, local_dir=self.storage_dir, public_url=self.storage_public_url)
 
     def queue_for_device(self, device: str) -> str | None:
         """The Celery queue for a spec's ``training.device``; None when no worker serves it."""

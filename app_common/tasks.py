@@ -12,3 +12,8 @@ RUN_JOB_TASK = "anytime_prune.run_job"
 # The training queues a worker consumes: ``gpu`` for CUDA jobs, ``cpu`` for the rest.
 QueueName = Literal["cpu", "gpu"]
 QUEUE_NAMES: tuple[str, ...] = get_args(QueueName)
+
+# Light work off the training queues (dataset validation): a training worker busy for an hour
+# must not make an upload wait.
+VALIDATE_DATASET_TASK = "anytime_prune.validate_dataset"
+CONTROL_QUEUE = "control"

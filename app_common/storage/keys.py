@@ -1,0 +1,24 @@
+"""Where each kind of file lives in the object store (the only place keys are spelled)."""
+
+from __future__ import annotations
+
+
+def dataset_key(dataset_id: str) -> str:
+    """The uploaded file of a dataset, exactly as the client sent it."""
+    return f"datasets/{dataset_id}/content"
+
+
+def job_prefix(job_id: str) -> str:
+    """Everything of one job (deleted with the job)."""
+    return f"jobs/{job_id}/"
+
+
+def job_work_prefix(job_id: str) -> str:
+    """The engine's run folder mirrored: checkpoints and their commit record, so that a worker
+    on any host resumes the job."""
+    return f"jobs/{job_id}/work/"
+
+
+def artifact_key(job_id: str, name: str) -> str:
+    """One exported file of a finished job (``name`` is a plain file name)."""
+    return f"jobs/{job_id}/artifacts/{name}"
