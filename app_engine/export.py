@@ -26,7 +26,6 @@ import platform
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +198,20 @@ def _onnx_bytes(model: nn.Module, folded: Mapping[str, torch.Tensor], input_shap
         return target.read_bytes()
 
 
+# Measured, not reproduced: kept out of the hashed manifest (result.json still has them), so that
+# two runs of one spec write identical files and the checksums prove it.
+TIMING_KEYS = frozenset({"wall_time_s", "train_time_s", "images_per_s"})
+
+
+def without_timings(value: Any) -> Any:
+    """``value`` (the run's metrics) without the timing entries, at any depth."""
+    if isinstance(value, Mapping):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list | tuple):
+        return [without_timings(v) for v in value]
+    return value
+
+
 def _json_default(obj: Any) -> Any:
     # Metrics may carry numpy or torch scalars / arrays.
     if hasattr(obj, "tolist"):
@@ -276,14 +289,13 @@ def export_artifacts(
     density, counts = _density_summary(model, masks, folded, spec)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "engine": {"name": "anytime-prune", "version": engine_version()},
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "spec": spec.to_dict(),
         "spec_fingerprint": spec.fingerprint(),
         "model_info": info,
-        "metrics": dict(metrics),
+        "metrics": without_timings(metrics),
         "density": density,
         "parameters": counts,
         "files": [{"name": n, **{k: v for k, v in e.items() if k != "path"}} for n, e in written.items()],

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,22 @@ def to_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     # Cloning gives each tensor its own contiguous CPU storage: safetensors refuses tensors that
     # share memory (tied weights appear twice in a state dict) and views that are not contiguous.
     owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    return safetensors.torch.save(owned, metadata=dict(metadata) if metadata else None)
+    return canonical_header(safetensors.torch.save(owned, metadata=dict(metadata) if metadata else None))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header written in one fixed order.
+
+    safetensors writes ``__metadata__`` from a Rust hash map, whose order changes from one call to
+    the next, so equal tensors and metadata gave files with different sha256. The header is
+    rewritten with sorted keys and padded with spaces to a multiple of 8 bytes (as safetensors
+    aligns it); tensor offsets count from the end of the header, so the data is unchanged.
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
 def safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
