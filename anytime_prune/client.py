@@ -31,15 +31,20 @@ from urllib.parse import quote, urlsplit
 import httpx
 from httpx_sse import connect_sse
 
+from anytime_prune.credentials import config_dir as config_dir
+from anytime_prune.credentials import credentials_path as credentials_path
+from anytime_prune.credentials import read_credentials as read_credentials
+from anytime_prune.credentials import write_credentials as write_credentials
+from anytime_prune.upload import Progress, file_chunks, file_digest, multipart_form
+
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+DATASET_SETTLED = frozenset({"ready", "invalid"})
 ENV_URL = "ANYTIME_PRUNE_URL"
 ENV_API_KEY = "ANYTIME_PRUNE_API_KEY"
-ENV_HOME = "ANYTIME_PRUNE_HOME"
-CREDENTIALS_FILE = "credentials.json"
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -109,57 +114,13 @@ class DownloadError(ApiError):
     """A downloaded artifact whose size or sha256 differs from the artifact listing."""
 
 
-# --- credentials --------------------------------------------------------------------------------
+class DatasetInvalid(ApiError):
+    """An uploaded dataset that validation refused: ``reason`` says why, ``dataset`` is its record."""
 
-
-def config_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """Where ``serve`` writes the credentials file: ``$ANYTIME_PRUNE_HOME``, else
-    ``$XDG_CONFIG_HOME/anytime-prune``, else ``~/.config/anytime-prune``."""
-    env = os.environ if environ is None else environ
-    if env.get(ENV_HOME):
-        return Path(env[ENV_HOME]).expanduser()
-    if env.get("XDG_CONFIG_HOME"):
-        return Path(env["XDG_CONFIG_HOME"]).expanduser() / "anytime-prune"
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    return home / ".config" / "anytime-prune"
-
-
-def credentials_path(environ: Mapping[str, str] | None = None) -> Path:
-    return config_dir(environ) / CREDENTIALS_FILE
-
-
-def read_credentials(path: Path | None = None) -> dict[str, Any] | None:
-    """The credentials ``serve`` wrote (``url``, ``api_key``, ``key_id``, ``redis_url``...), or
-    None when there is no such file."""
-    path = credentials_path() if path is None else path
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
-    return data if isinstance(data, dict) else None
-
-
-def write_credentials(data: Mapping[str, Any], path: Path | None = None) -> Path:
-    """Write ``data`` readable by its owner only (0600, folder 0700), atomically: a reader never
-    sees half a file, and the secret is never world-readable, not even for a moment."""
-    path = credentials_path() if path is None else path
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=".credentials-", dir=path.parent)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(dict(data), fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    def __init__(self, dataset: Mapping[str, Any]):
+        self.dataset = dict(dataset)
+        self.reason = str(dataset.get("error") or "no reason given")
+        super().__init__(0, "dataset invalid", f"dataset {dataset.get('id')}: {self.reason}")
 
 
 # --- server-sent events -------------------------------------------------------------------------
@@ -251,11 +212,17 @@ class Client:
         return f"{API_PREFIX}/jobs/{quote(job_id, safe='')}{suffix}"
 
     # --- jobs -----------------------------------------------------------------------------
-    def submit(self, spec: Mapping[str, Any] | Any, *, idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit(
+        self, spec: Mapping[str, Any] | Any, *, idempotency_key: str | None = None, dataset_id: str | None = None
+    ) -> dict[str, Any]:
         """Submit a job (a spec dict or an ``app_common.spec.JobSpec``); returns the job as the
-        API answers it (``id``, ``status``, ``urls``...). With ``idempotency_key`` a retried
-        submission returns the first job instead of creating another."""
+        API answers it (``id``, ``status``, ``urls``...). ``dataset_id`` trains on an uploaded
+        dataset (:meth:`upload_dataset`): the API fills in ``dataset.name`` from its format.
+        With ``idempotency_key`` a retried submission returns the first job instead of creating
+        another."""
         body = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+        if dataset_id is not None:
+            body["dataset"] = {**(body.get("dataset") or {}), "id": dataset_id}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         job: dict[str, Any] = self._json("POST", f"{API_PREFIX}/jobs", json=body, headers=headers)
         return job
@@ -318,6 +285,101 @@ class Client:
     def catalog(self) -> dict[str, Any]:
         catalog: dict[str, Any] = self._json("GET", f"{API_PREFIX}/catalog")
         return catalog
+
+    # --- datasets -------------------------------------------------------------------------
+    @staticmethod
+    def _dataset_path(dataset_id: str, suffix: str = "") -> str:
+        return f"{API_PREFIX}/datasets/{quote(dataset_id, safe='')}{suffix}"
+
+    def upload_dataset(
+        self, path: str | os.PathLike[str], format: str = "npz", name: str | None = None, *,  # noqa: A002
+        progress: Progress | None = None, wait: bool = True, timeout_s: float = 1800.0, poll_s: float = 1.0,
+    ) -> dict[str, Any]:
+        """Upload a dataset file (``format``: npz, cifar10, cifar100 or imagefolder; see the
+        README) and return its record once validation made it ``ready`` (with ``wait=False``:
+        as soon as the bytes are in). The file is streamed from disk, never read whole: straight
+        to the object store when the service offers a presigned POST, else through the API.
+        ``progress(sent, total)`` follows the bytes. Raises :class:`DatasetInvalid` with the
+        validator's reason when the file is refused, :class:`TimeoutError` after ``timeout_s``.
+        An upload that fails midway deletes its record, so no half-uploaded dataset is left."""
+        file = Path(path)
+        digest = file_digest(file)
+        body = {"format": format, "name": name or file.name, "sha256": digest.sha256, "bytes": digest.bytes}
+        record: dict[str, Any] = self._json("POST", f"{API_PREFIX}/datasets", json=body)
+        try:
+            record = self._send_content(record, file, digest.bytes, progress)
+        except BaseException:
+            with contextlib.suppress(ApiError):
+                self.delete_dataset(record["id"])
+            raise
+        return self.wait_dataset(record["id"], timeout_s=timeout_s, poll_s=poll_s) if wait else record
+
+    def _send_content(
+        self, record: Mapping[str, Any], file: Path, size: int, progress: Progress | None
+    ) -> dict[str, Any]:
+        # Sending a large file can take long; the answer comes once the store has it all.
+        timeout = httpx.Timeout(self.timeout, read=max(self.timeout, 300.0))
+        post = (record.get("upload") or {}).get("post")
+        if post:
+            form = multipart_form(post.get("fields") or {}, file, filename=file.name)
+            # The store's signed form is the credential: the API key must not travel there.
+            try:
+                with httpx.Client(timeout=timeout) as store:
+                    response = store.post(
+                        str(post["url"]), content=form.chunks(progress),
+                        headers={"Content-Type": form.content_type, "Content-Length": str(form.length)},
+                    )
+            except httpx.TransportError as exc:
+                raise ApiError(0, "object store unreachable", f"POST {post['url']}: {exc}") from exc
+            if response.status_code >= 400:
+                raise ApiError.from_response(response)
+            done: dict[str, Any] = self._json("POST", self._dataset_path(record["id"], "/complete"))
+            return done
+        sent: dict[str, Any] = self._json(
+            "PUT", self._dataset_path(record["id"], "/content"), content=file_chunks(file, progress=progress),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)}, timeout=timeout,
+        )
+        return sent
+
+    def wait_dataset(self, dataset_id: str, *, timeout_s: float = 1800.0, poll_s: float = 1.0) -> dict[str, Any]:
+        """Poll until validation settles: the ``ready`` record, or :class:`DatasetInvalid`."""
+        deadline = time.monotonic() + timeout_s
+        delay = min(0.2, poll_s)
+        while True:
+            record = self.get_dataset(dataset_id)
+            if record["status"] == "invalid":
+                raise DatasetInvalid(record)
+            if record["status"] in DATASET_SETTLED:
+                return record
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"dataset {dataset_id} is still {record['status']} after {timeout_s} s")
+            time.sleep(delay)
+            delay = min(poll_s, delay * 2)
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any]:
+        record: dict[str, Any] = self._json("GET", self._dataset_path(dataset_id))
+        return record
+
+    def list_datasets(self, status: str | None = None, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        """Up to ``limit`` of the caller's datasets, following the pagination cursors."""
+        out: builtins.list[dict[str, Any]] = []
+        cursor: str | None = None
+        while len(out) < limit:
+            params: dict[str, Any] = {"limit": min(max(limit - len(out), 1), 100)}
+            if status:
+                params["status"] = status
+            if cursor:
+                params["cursor"] = cursor
+            page = self._json("GET", f"{API_PREFIX}/datasets", params=params)
+            out += page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        return out[:limit]
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete the dataset and its stored bytes (refused, 409, while a job uses it)."""
+        self._request("DELETE", self._dataset_path(dataset_id))
 
     # --- events ---------------------------------------------------------------------------
     def events(
