@@ -1,5 +1,5 @@
-"""The job store: job records, event streams, metric histories, leases, idempotency records and
-API keys in Redis.
+"""The job store: job records, event streams, metric histories, leases, idempotency records, API
+keys and dataset records in Redis.
 
 The job record in Redis is the source of truth of a job's state (Celery only carries the job id).
 The API writes records and reads them; the worker moves them through their lifecycle and appends
@@ -10,6 +10,7 @@ events. One module per concern, each with the Lua scripts it runs:
 - :mod:`~app_common.store.leases`: worker leases and reaper claims;
 - :mod:`~app_common.store.idempotency`: the API's Idempotency-Key records;
 - :mod:`~app_common.store.api_keys`: API keys;
+- :mod:`~app_common.store.datasets`: uploaded datasets' records and their status moves;
 - :mod:`~app_common.store._common`: the key layout, JSON encoding and the Redis client.
 
 Nothing outside this package names a Redis key. Torch-free; the client must be created with
@@ -34,6 +35,7 @@ from app_common.store._common import (
     utc_now,
 )
 from app_common.store.api_keys import ApiKeyOps, hash_secret
+from app_common.store.datasets import DatasetInUse, DatasetOps
 from app_common.store.events import Entry, EventFeed, EventOps
 from app_common.store.idempotency import IdempotencyOps
 from app_common.store.leases import LeaseOps
@@ -41,6 +43,7 @@ from app_common.store.records import RecordOps
 
 __all__ = [
     "JOB_FIELDS",
+    "DatasetInUse",
     "Entry",
     "EventFeed",
     "InvalidCursor",
@@ -58,8 +61,8 @@ __all__ = [
 ]
 
 
-class JobStore(RecordOps, EventOps, LeaseOps, IdempotencyOps, ApiKeyOps):
-    """Redis-backed jobs, events, leases and API keys. One instance per process; thread-safe (the
+class JobStore(RecordOps, EventOps, LeaseOps, IdempotencyOps, ApiKeyOps, DatasetOps):
+    """Redis-backed jobs, events, leases, API keys and datasets. One instance per process; thread-safe (the
     redis client pools connections)."""
 
     def __init__(self, redis_client: redis.Redis, prefix: str = "app", events_maxlen: int = 10000):

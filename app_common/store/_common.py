@@ -13,16 +13,21 @@ Key layout under the prefix ``p`` (see docs/SERVICE_CONTRACTS.md)::
     {p}:jobs:status:{status}     set    job ids per status
     {p}:idem:{owner}:{key}       string Idempotency-Key record JSON, with a TTL
     {p}:keys                     hash   sha256(secret) -> API key record JSON
+    {p}:dataset:{id}             hash   each field JSON-encoded (see app_common.datasets.DatasetRecord)
+    {p}:owner:{owner}:datasets   zset   dataset ids, score = created time in ms
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -141,6 +146,15 @@ class KeyNames:
     def api_keys(self) -> str:
         return f"{self.prefix}:keys"
 
+    def dataset(self, dataset_id: str) -> str:
+        return f"{self.prefix}:dataset:{dataset_id}"
+
+    def owner_datasets(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:datasets"
+
+
+T = TypeVar("T")
+
 
 class StoreBase:
     """The state each part of :class:`app_common.store.JobStore` uses: one client, one prefix.
@@ -161,3 +175,75 @@ class StoreBase:
         if script is None:
             script = self._scripts[source] = self.redis.register_script(source)
         return script
+
+    def _newest_first(
+        self,
+        index: str,
+        load: Callable[[dict[str, str]], T | None],
+        hash_key: Callable[[str], str],
+        *,
+        keep: Callable[[T], bool],
+        cursor: str | None,
+        limit: int,
+    ) -> tuple[list[T], str | None]:
+        """One page of the records whose ids the zset ``index`` scores by creation time (ms),
+        newest first, only those ``keep`` accepts (``load`` gives None for a vanished one).
+
+        ``cursor`` is the opaque ``next_cursor`` of the previous page; it encodes the (score, id)
+        of the last record returned, so pages stay stable while new records arrive. Raises
+        :class:`InvalidCursor` for a cursor this store did not issue.
+        """
+        if limit < 1:
+            raise ValueError("limit must be positive")
+        after = decode_cursor(cursor) if cursor else None
+        max_score: float | str = after[0] if after else "+inf"
+        found: list[tuple[float, str, T]] = []
+        offset = 0
+        batch = max(2 * limit, 50)
+        # One more than asked tells whether a next page exists.
+        while len(found) <= limit:
+            rows = cast(
+                list[tuple[str, float]],
+                self.redis.zrevrangebyscore(index, max_score, "-inf", start=offset, num=batch, withscores=True),
+            )
+            if not rows:
+                break
+            offset += len(rows)
+            exhausted = len(rows) < batch
+            # Equal scores come in reverse member order, so after (s, id) come members < id.
+            rows = [(m, s) for m, s in rows if not (after and s == after[0] and m >= after[1])]
+            pipe = self.redis.pipeline(transaction=False)
+            for member, _ in rows:
+                pipe.hgetall(hash_key(member))
+            for (member, score), raw in zip(rows, pipe.execute(), strict=True):
+                record = load(raw)
+                if record is None or not keep(record):
+                    continue
+                found.append((score, member, record))
+                if len(found) > limit:
+                    break
+            if exhausted:
+                break
+        next_cursor = None
+        if len(found) > limit:
+            found = found[:limit]
+            last_score, last_id, _ = found[-1]
+            next_cursor = encode_cursor(last_score, last_id)
+        return [record for _, _, record in found], next_cursor
+
+
+def encode_cursor(score: float, record_id: str) -> str:
+    blob = json.dumps([int(score), record_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(blob).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (score, id) in a cursor of :func:`encode_cursor`; ids are uuid4 hex (jobs, datasets)."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        score, record_id = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        if not isinstance(score, int) or not isinstance(record_id, str) or not is_job_id(record_id):
+            raise ValueError("bad cursor content")
+        return float(score), record_id
+    except (ValueError, TypeError, OverflowError, UnicodeError, binascii.Error) as exc:
+        raise InvalidCursor("invalid cursor") from exc

@@ -6,8 +6,6 @@ of the same job cannot both win a status change.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import uuid
@@ -19,10 +17,10 @@ from app_common.events import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, ST
 from app_common.jobs import JOB_FIELDS, ArtifactInfo, JobRecord, Progress
 from app_common.store._common import (
     OWNER,
-    InvalidCursor,
     JobNotFound,
     StoreBase,
     TooManyActiveJobs,
+    decode_cursor,
     dumps,
     format_time,
     is_job_id,
@@ -210,44 +208,14 @@ class RecordOps(StoreBase):
             raise ValueError("limit must be positive")
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        after: tuple[float, str] | None = _decode_cursor(cursor) if cursor else None
         if not OWNER.match(owner):
+            if cursor:
+                decode_cursor(cursor)
             return [], None
-        key = self.names.owner_jobs(owner)
-        max_score: float | str = after[0] if after else "+inf"
-        found: list[tuple[float, JobRecord]] = []
-        offset = 0
-        batch = max(2 * limit, 50)
-        # One more than asked tells whether a next page exists.
-        while len(found) <= limit:
-            rows = cast(
-                list[tuple[str, float]],
-                self.redis.zrevrangebyscore(key, max_score, "-inf", start=offset, num=batch, withscores=True),
-            )
-            if not rows:
-                break
-            offset += len(rows)
-            exhausted = len(rows) < batch
-            # Equal scores come in reverse member order, so after (s, id) come members < id.
-            rows = [(m, s) for m, s in rows if not (after and s == after[0] and m >= after[1])]
-            pipe = self.redis.pipeline(transaction=False)
-            for member, _ in rows:
-                pipe.hgetall(self.names.job(member))
-            for (_, score), raw in zip(rows, pipe.execute(), strict=True):
-                record = decode_record(raw)
-                if record is None or (status is not None and record.status != status):
-                    continue
-                found.append((score, record))
-                if len(found) > limit:
-                    break
-            if exhausted:
-                break
-        next_cursor = None
-        if len(found) > limit:
-            found = found[:limit]
-            last_score, last = found[-1]
-            next_cursor = _encode_cursor(last_score, last.id)
-        return [record for _, record in found], next_cursor
+        return self._newest_first(
+            self.names.owner_jobs(owner), decode_record, self.names.job,
+            keep=lambda record: status is None or record.status == status, cursor=cursor, limit=limit,
+        )
 
     def transition(
         self,
@@ -358,19 +326,3 @@ class RecordOps(StoreBase):
     def count_active(self, owner: str) -> int:
         """The owner's queued, running and cancelling jobs."""
         return int(self.redis.scard(self.names.owner_active(owner))) if OWNER.match(owner) else 0
-
-
-def _encode_cursor(score: float, job_id: str) -> str:
-    blob = json.dumps([int(score), job_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(blob).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        score, job_id = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        if not isinstance(score, int) or not isinstance(job_id, str) or not is_job_id(job_id):
-            raise ValueError("bad cursor content")
-        return float(score), job_id
-    except (ValueError, TypeError, OverflowError, UnicodeError, binascii.Error) as exc:
-        raise InvalidCursor("invalid cursor") from exc
