@@ -89,7 +89,10 @@ def run_seaweedfs(folder: Path, *, startup_timeout_s: float = 60.0) -> Iterator[
     master, volume, filer, s3 = _free_ports(4)
     argv = [
         binary, "server", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-volume.max=0",
+        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+        # Every bucket is a collection with volumes of its own: small volumes, many of them, so
+        # that a fresh bucket per test never runs out (auto-sizing allows ~2 volumes of 30 GiB).
+        "-master.volumeSizeLimitMB=64", "-volume.max=1000",
         "-s3", f"-s3.port={s3}", f"-s3.config={config}",
     ]
     (folder / "data").mkdir(exist_ok=True)

@@ -28,13 +28,25 @@ from app_common.storage.base import (
 _TMP = ".tmp"
 
 
+def _private_dirs(folder: Path) -> None:
+    """``mkdir -p`` with every folder it creates 0700 (``Path.mkdir`` gives missing parents the
+    default mode)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
+            path.mkdir(mode=0o700)
+
+
 class LocalStorage(Storage):
     kind = "local"
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).absolute()
         self._tmp = self.root / _TMP
-        self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_dirs(self._tmp)
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -54,7 +66,7 @@ class LocalStorage(Storage):
                         out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _private_dirs(target.parent)
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
