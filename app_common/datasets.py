@@ -20,16 +20,18 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app_common.spec import DATASET_ID_PATTERN, DATASETS_WITH_PATH
+
 DatasetStatus = Literal["uploading", "validating", "ready", "invalid"]
 DATASET_STATUSES: tuple[str, ...] = get_args(DatasetStatus)
 UPLOADING, VALIDATING, READY, INVALID = DATASET_STATUSES
 
-# The loaders' registry names of the datasets that read files (app_common.spec.DATASETS_WITH_PATH).
+# The loaders' registry names of the datasets that read files.
 DatasetFormat = Literal["npz", "cifar10", "cifar100", "imagefolder"]
 DATASET_FORMATS: tuple[str, ...] = get_args(DatasetFormat)
+if set(DATASET_FORMATS) != set(DATASETS_WITH_PATH):  # one list of file datasets, checked at import
+    raise RuntimeError("app_common.datasets.DatasetFormat and app_common.spec.DATASETS_WITH_PATH disagree")
 
-# Dataset ids are uuid4 hex, like job ids; anything else names no dataset.
-DATASET_ID_PATTERN = r"^[0-9a-f]{32}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 _DATASET_ID = re.compile(DATASET_ID_PATTERN)
 

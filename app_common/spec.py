@@ -45,8 +45,10 @@ DEVICES: tuple[str, ...] = get_args(DeviceName)
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 AUGMENTATIONS: tuple[str, ...] = get_args(AugmentName)
 SCORE_SOURCES: tuple[str, ...] = get_args(ScoreSource)
-# Datasets that read files and therefore need ``dataset.path``.
+# Datasets that read files and therefore need ``dataset.path`` (or ``dataset.id``: an upload).
 DATASETS_WITH_PATH = ("cifar10", "cifar100", "imagefolder", "npz")
+# Uploaded datasets' ids (app_common.datasets) are uuid4 hex.
+DATASET_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 # The paper's schedule keeps 0.8 ** s of the prunable weights at sparsity level s.
 KEEP_BASE = 0.8
@@ -70,8 +72,14 @@ class DatasetSpec(_Strict):
     name: DatasetName = Field("digits", description="Registry name of the dataset.")
     path: str | None = Field(
         None,
-        description="File or folder to read (required for cifar10, cifar100, imagefolder, npz).",
+        description="File or folder under the server's data folder (cifar10, cifar100, imagefolder, npz "
+        "need it or dataset.id).",
         max_length=4096,
+    )
+    id: str | None = Field(
+        None,
+        pattern=DATASET_ID_PATTERN,
+        description="An uploaded dataset (POST /api/v1/datasets) instead of a path; name defaults to its format.",
     )
     few_shot: int | None = Field(
         None, ge=1, le=100_000, description="Keep only this many training samples per class (seeded)."
@@ -83,8 +91,17 @@ class DatasetSpec(_Strict):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DatasetSpec:
-        if self.name in DATASETS_WITH_PATH and not self.path:
-            raise ValueError(f"dataset '{self.name}' reads files: dataset.path is required")
+        if self.path is not None and self.id is not None:
+            raise ValueError("give either dataset.path or dataset.id, not both")
+        if self.id is not None:
+            # Without a name the service fills in the upload's format, so only a given one is checked.
+            if "name" in self.model_fields_set and self.name not in DATASETS_WITH_PATH:
+                raise ValueError(
+                    f"dataset.name '{self.name}' reads no files: an uploaded dataset is one of "
+                    f"{', '.join(DATASETS_WITH_PATH)}"
+                )
+        elif self.name in DATASETS_WITH_PATH and not self.path:
+            raise ValueError(f"dataset '{self.name}' reads files: dataset.path or dataset.id is required")
         return self
 
 
@@ -218,7 +235,11 @@ class JobSpec(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        # Specs without an uploaded dataset read (and fingerprint) as they did before dataset.id.
+        if data["dataset"].get("id") is None:
+            del data["dataset"]["id"]
+        return data
 
     def fingerprint(self, length: int = 16) -> str:
         """A stable hash of the spec (hex, ``length`` digits of its sha256): the engine refuses to
