@@ -322,13 +322,14 @@ class Client:
         post = (record.get("upload") or {}).get("post")
         if post:
             form = multipart_form(post.get("fields") or {}, file, filename=file.name)
+            request = self._http.build_request(
+                "POST", str(post["url"]), content=form.chunks(progress), timeout=timeout,
+                headers={"Content-Type": form.content_type, "Content-Length": str(form.length)},
+            )
             # The store's signed form is the credential: the API key must not travel there.
+            request.headers.pop("Authorization", None)
             try:
-                with httpx.Client(timeout=timeout) as store:
-                    response = store.post(
-                        str(post["url"]), content=form.chunks(progress),
-                        headers={"Content-Type": form.content_type, "Content-Length": str(form.length)},
-                    )
+                response = self._http.send(request)
             except httpx.TransportError as exc:
                 raise ApiError(0, "object store unreachable", f"POST {post['url']}: {exc}") from exc
             if response.status_code >= 400:

@@ -1,5 +1,6 @@
-"""The client verbs of ``anytime-prune``: ``submit``, ``status``, ``watch``, ``list``, ``cancel``
-and ``download``, which talk to a running service over HTTP.
+"""The client verbs of ``anytime-prune``: ``submit``, ``status``, ``watch``, ``list``, ``cancel``,
+``download`` and ``datasets`` (``upload``, ``list``, ``show``, ``delete``), which talk to a running
+service over HTTP.
 
 They need httpx only (imported per command): never torch, fastapi or celery.
 """
@@ -12,9 +13,11 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anytime_prune.engine_cli import ConsoleProgress, add_spec_flags, build_spec, megabatch_table, spec_dict_from_args
+from app_common.datasets import DATASET_FORMATS, DATASET_STATUSES
 from app_common.events import (
     EVENT_TYPES,
     STATUSES,
@@ -35,11 +38,16 @@ DEFAULT_PORT = 8000
 # Exit statuses of the client verbs (``watch`` and ``submit --watch`` report the job's outcome).
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
 EXIT_JOB_CANCELLED = 3
 EXIT_SERVICE_ERROR = 4
 EXIT_CODES_HELP = (
     "exit status: 0 the job succeeded (or the command worked), 1 the job failed, 2 bad usage, "
     "3 the job was cancelled, 4 the service answered with an error or could not be reached"
+)
+DATASET_EXIT_CODES_HELP = (
+    "exit status: 0 it worked, 1 validation refused the dataset (the reason is printed), 2 bad usage, "
+    "4 the service answered with an error or could not be reached"
 )
 
 
@@ -62,10 +70,11 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _client_command(fn: Callable[[argparse.Namespace, Client], int]) -> Callable[[argparse.Namespace], int]:
-    """Run ``fn`` with a client; an API error becomes a message and exit status 4."""
+    """Run ``fn`` with a client; an API error becomes a message and exit status 4 (a dataset
+    that validation refused: its reason and exit status 1)."""
 
     def run(args: argparse.Namespace) -> int:
-        from anytime_prune.client import ApiError
+        from anytime_prune.client import ApiError, DatasetInvalid
 
         try:
             client = _client(args)
@@ -75,6 +84,9 @@ def _client_command(fn: Callable[[argparse.Namespace, Client], int]) -> Callable
         try:
             with client:
                 return fn(args, client)
+        except DatasetInvalid as exc:
+            print(f"error: dataset {exc.dataset.get('id')} is invalid: {exc.reason}", file=sys.stderr)
+            return EXIT_JOB_FAILED
         except ApiError as exc:
             report_api_error(exc)
             return EXIT_SERVICE_ERROR
@@ -259,6 +271,128 @@ def cmd_download(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+# --- datasets ---------------------------------------------------------------------------------
+
+
+class UploadProgress:
+    """A byte progress bar on a terminal (stderr); nothing otherwise, so logs and pipes stay clean."""
+
+    def __init__(self, label: str, stream: Any = None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar: Any = None
+
+    def __call__(self, sent: int, total: int) -> None:
+        if not self.tty:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.label, unit="B", unit_scale=True, unit_divisor=1024,
+                            file=self.stream, leave=False)
+        self.bar.update(sent - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def describe_dataset(record: dict[str, Any]) -> str:
+    """One line: what validation found, or why the dataset is not usable."""
+    info = record.get("info")
+    if record["status"] == "ready" and isinstance(info, dict):
+        shape = "x".join(str(d) for d in info.get("input_shape") or [])
+        return (f"{info.get('train_samples')} train / {info.get('test_samples')} test samples, "
+                f"{info.get('num_classes')} classes, input {shape}")
+    if record["status"] == "invalid":
+        return f"invalid: {record.get('error') or 'no reason given'}"
+    return str(record["status"])
+
+
+def cmd_datasets_upload(args: argparse.Namespace, client: Client) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"error: {path}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    progress = UploadProgress(path.name)
+    try:
+        record = client.upload_dataset(path, args.format, args.name, progress=progress, wait=not args.no_wait,
+                                       timeout_s=args.wait_timeout)
+    except TimeoutError as exc:
+        print(f"error: {exc}; follow it with `anytime-prune datasets show ID`", file=sys.stderr)
+        return EXIT_SERVICE_ERROR
+    finally:
+        progress.close()
+    if args.json:
+        print_json(record)
+    else:
+        print(record["id"])
+        print(f"dataset {record['id']} ({record['format']}, {path.name}): {describe_dataset(record)}", file=sys.stderr)
+        if record["status"] == "ready":
+            print(f"train on it with: anytime-prune submit --dataset-id {record['id']} ...", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_datasets_list(args: argparse.Namespace, client: Client) -> int:
+    datasets = client.list_datasets(status=args.status, limit=args.limit)
+    if args.json:
+        print_json(datasets)
+        return EXIT_OK
+    if not datasets:
+        print("no datasets", file=sys.stderr)
+        return EXIT_OK
+    print(f"{'id':<32}  {'status':<10} {'format':<11} {'bytes':>12} {'created':<24} name")
+    for d in datasets:
+        print(f"{d['id']:<32}  {d['status']:<10} {d['format']:<11} {d['bytes']:>12} {d['created_at']:<24} {d['name']}")
+    return EXIT_OK
+
+
+def cmd_datasets_show(args: argparse.Namespace, client: Client) -> int:
+    record = client.get_dataset(args.dataset_id)
+    if args.json:
+        print_json(record)
+        return EXIT_OK
+    print(f"dataset   {record['id']}")
+    print(f"name      {record['name']}")
+    print(f"format    {record['format']}, {record['bytes']} bytes, sha256 {record['sha256']}")
+    print(f"status    {describe_dataset(record)}")
+    info = record.get("info")
+    if isinstance(info, dict) and info.get("classes"):
+        print("classes   " + ", ".join(str(c) for c in info["classes"]))
+    print(f"created   {record['created_at']}; updated {record.get('updated_at') or '-'}")
+    return EXIT_OK
+
+
+def cmd_datasets_delete(args: argparse.Namespace, client: Client) -> int:
+    client.delete_dataset(args.dataset_id)
+    print(f"dataset {args.dataset_id} deleted")
+    return EXIT_OK
+
+
+def add_datasets_command(sub: Any) -> None:
+    help_text = "upload your own data, list, show and delete your datasets"
+    p: argparse.ArgumentParser = sub.add_parser("datasets", help=help_text, description=help_text)
+    actions = p.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    up = _client_parser(actions, "upload", cmd_datasets_upload, "upload a dataset file, wait until it is "
+                        "validated and print its id", job_id=False, epilog=DATASET_EXIT_CODES_HELP)
+    up.add_argument("file", help="an .npz file, or a .zip / .tar.gz of a cifar python folder or an image folder")
+    up.add_argument("--format", required=True, choices=DATASET_FORMATS, help="the loader that reads it")
+    up.add_argument("--name", help="a label for people (default: the file's name)")
+    up.add_argument("--no-wait", action="store_true",
+                    help="print the id once the bytes are in, without waiting for validation")
+    up.add_argument("--wait-timeout", type=float, default=1800.0, help="seconds to wait for validation")
+    ls = _client_parser(actions, "list", cmd_datasets_list, "list your datasets, newest first", job_id=False,
+                        epilog=DATASET_EXIT_CODES_HELP)
+    ls.add_argument("--status", choices=DATASET_STATUSES)
+    ls.add_argument("--limit", type=int, default=50)
+    for name, fn, text in (("show", cmd_datasets_show, "show a dataset (what validation found)"),
+                           ("delete", cmd_datasets_delete, "delete a dataset and its stored bytes")):
+        action = _client_parser(actions, name, fn, text, job_id=False, epilog=DATASET_EXIT_CODES_HELP)
+        action.add_argument("dataset_id")
+
+
 # --- the parser -------------------------------------------------------------------------------
 
 
@@ -272,8 +406,8 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _client_parser(sub: Any, name: str, fn: Callable[[argparse.Namespace, Client], int], help_text: str,
-                   job_id: bool = True) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES_HELP)
+                   job_id: bool = True, epilog: str = EXIT_CODES_HELP) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
     if job_id:
         p.add_argument("job_id")
     _add_client_flags(p)
@@ -297,4 +431,5 @@ def add_client_commands(sub: Any) -> None:
     d = _client_parser(sub, "download", cmd_download, "download a finished job's files (sha256 checked)")
     d.add_argument("--out", required=True, help="folder to write into")
     d.add_argument("--name", action="append", help="only this file (repeatable)")
+    add_datasets_command(sub)
 
