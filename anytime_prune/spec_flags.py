@@ -26,6 +26,7 @@ from app_common.spec import JobSpec
 ALIASES: dict[str, str] = {
     "dataset.name": "dataset",
     "dataset.path": "data_path",
+    "dataset.id": "dataset_id",
     "architecture": "arch",
     "sparsity.target": "target_sparsity",
     "export.formats": "export",

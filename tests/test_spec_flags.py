@@ -26,6 +26,8 @@ TODAYS_FLAGS = {
     "training.milestones": "--milestones", "training.gamma": "--gamma", "training.warmup_epochs": "--warmup-epochs",
     "training.augment": "--augment", "training.precision": "--precision", "training.seed": "--seed",
     "training.device": "--device", "export.formats": "--export",
+    # The issue names it: an uploaded dataset by its id.
+    "dataset.id": "--dataset-id",
 }
 
 
@@ -48,6 +50,20 @@ def test_every_spec_field_has_a_flag() -> None:
 def test_todays_flag_names_are_kept() -> None:
     for field, flag in TODAYS_FLAGS.items():
         assert FIELD_FLAGS[field] == flag
+
+
+def test_submit_names_an_uploaded_dataset_with_or_without_its_format() -> None:
+    from anytime_prune.engine_cli import build_spec
+
+    dataset_id = "ab" * 16
+    for extra, expected in (([], {"id": dataset_id}), (["--dataset", "npz"], {"name": "npz", "id": dataset_id})):
+        args = build_parser().parse_args(["submit", "--dataset-id", dataset_id, *extra])
+        data = spec_dict_from_args(args)
+        assert data["dataset"] == expected
+        spec = build_spec(data)  # valid as sent: the service fills in the name from the upload
+        assert spec.dataset.id == dataset_id
+    with pytest.raises(SystemExit, match=r"dataset.id \(--dataset-id\)"):
+        build_spec(spec_dict_from_args(build_parser().parse_args(["submit", "--dataset-id", "not-hex"])))
 
 
 def parser_for(compare: bool = False) -> argparse.ArgumentParser:
