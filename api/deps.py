@@ -1,4 +1,4 @@
-"""Dependencies: the settings, store and queue built once in :func:`api.main.create_app` and kept
+"""Dependencies: the settings, store, object storage and queue built once in :func:`api.main.create_app` and kept
 on ``app.state``, and the caller's identity from the bearer key."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import ApiProblem
 from app_common.settings import Settings
+from app_common.storage import Storage
 from app_common.store import JobStore
 
 # The owner of every job when authentication is switched off (a laptop, CI).
@@ -38,6 +39,11 @@ def get_celery(request: Request) -> Celery:
     return celery_app
 
 
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
 def get_signing_secret(request: Request) -> str:
     secret: str = request.app.state.signing_secret
     return secret
@@ -47,6 +53,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 SecretDep = Annotated[str, Depends(get_signing_secret)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 def get_owner(

@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.store = store
+    app.state.storage = settings.open_storage()
     app.state.celery = celery_app
     app.state.metrics = ApiMetrics()
     if settings.signing_secret:
