@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +392,16 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_dataset(spec("imagefolder", tmp_path), seed=1)
 
 
+def test_imagefolder_decompression_bomb_is_a_dataset_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for cls in ("a", "b"):
+        for i in range(2):
+            save_image(tmp_path / "train" / cls / f"{i}.png", solid((1, 2, 3)), "PNG")
+    # Pillow refuses images past twice MAX_IMAGE_PIXELS; a tiny limit makes these count as bombs.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)
+    with pytest.raises(DatasetError, match=r"0\.png: unreadable image \(DecompressionBombError"):
+        load_dataset(spec("imagefolder", tmp_path), seed=1)
+
+
 # --------------------------------------------------------------------------------------------------
 # npz
 
@@ -485,6 +496,20 @@ def test_npz_errors(tmp_path: Path) -> None:
         load_dataset(spec("npz", single), seed=1)
     with pytest.raises(DatasetError, match=r"no such file or folder"):
         load_dataset(spec("npz", tmp_path / "absent.npz"), seed=1)
+
+
+def test_npz_header_must_match_its_member(tmp_path: Path) -> None:
+    """numpy allocates what an .npy header declares before reading the member: a header that
+    declares more than the member holds is refused before any array is read."""
+    x, y = np.zeros((4, 8, 8), np.uint8), np.arange(4)
+    path = tmp_path / "lie.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**9,)})
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("classes.npy", header.getvalue() + bytes(8))
+    with pytest.raises(DatasetError, match=r"lie\.npz: array 'classes' declares 8000000000 bytes of data but"):
+        load_dataset(spec("npz", path), seed=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -140,6 +140,15 @@ _CIFAR_LAYOUTS = {
 }
 
 
+def is_cifar_folder(path: Path, name: str) -> bool:
+    """Whether ``path`` looks like a ``name`` (cifar10/cifar100) ``dataset.path``: the batches
+    folder itself or the folder that contains it (what :func:`_cifar_root` accepts)."""
+    layout = _CIFAR_LAYOUTS[name]
+    if not path.is_dir():
+        return False
+    return (path / layout.folder).is_dir() or any((path / f).exists() for f in (layout.meta_file, *layout.train_files))
+
+
 def _cifar_root(path: Path, layout: _CifarLayout, name: str) -> Path:
     """``dataset.path`` may be the batches folder itself or the folder that contains it."""
     if path.is_dir() and any((path / f).exists() for f in (layout.meta_file, *layout.train_files)):

@@ -41,7 +41,8 @@ def _read_image(path: Path, size: int) -> np.ndarray:
             source = img.convert("RGBA") if img.mode in ("P", "PA") else img
             rgb = source.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(rgb, dtype=np.uint8)  # [H, W, 3]
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    # DecompressionBombError: a small file declaring a huge image (Pillow's pixel limit).
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 

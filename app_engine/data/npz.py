@@ -1,7 +1,14 @@
-"""npz archives of ``x_train``, ``y_train``, ``x_test``, ``y_test``, read with ``allow_pickle=False``."""
+"""npz archives of ``x_train``, ``y_train``, ``x_test``, ``y_test``, read with ``allow_pickle=False``.
+
+An .npz is a zip of .npy members, so it is checked like any archive before numpy reads an array
+(:func:`check_npz_members`): numpy allocates each array from the shape its header declares, then
+decompresses the member into it.
+"""
 
 from __future__ import annotations
 
+import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +19,50 @@ from app_common.spec import DatasetSpec
 from app_engine.data.base import Dataset, DatasetError, labels_tensor, register_dataset, require_path
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def check_npz_members(
+    archive: zipfile.ZipFile, path: Path, *, max_bytes: int | None = None, max_members: int | None = None
+) -> None:
+    """Refuse an .npz that would make numpy allocate or decompress more than it holds.
+
+    zipfile never yields more than a member's size in the zip directory (a member holding more
+    fails its CRC check), so the directory sizes bound what numpy can read: their sum is checked
+    against ``max_bytes`` and the member count against ``max_members``. Each .npy header must then
+    declare exactly the bytes its member holds (a header declaring 10 GB in a 1 KB member would
+    make numpy allocate 10 GB before noticing), and no member may be an object array (a pickle).
+    """
+    members = archive.infolist()
+    if max_members is not None and len(members) > max_members:
+        raise DatasetError(f"{path}: {len(members)} members in the npz, more than the {max_members} allowed")
+    total = sum(info.file_size for info in members)
+    if max_bytes is not None and total > max_bytes:
+        raise DatasetError(f"{path}: the npz unpacks to {total} bytes, more than the {max_bytes} allowed")
+    for info in members:
+        if info.filename.endswith(".npy"):
+            _check_npy_header(archive, info, path)
+
+
+def _check_npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> None:
+    name = info.filename[: -len(".npy")]
+    try:
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else (
+                np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(member)
+            header_bytes = member.tell()
+    except Exception as exc:  # a bad magic string or header, a truncated or encrypted member
+        raise DatasetError(f"{path}: array '{name}' is malformed ({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject:
+        raise DatasetError(f"{path}: array '{name}' is an object array (pickled data); refused")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != info.file_size - header_bytes:
+        raise DatasetError(
+            f"{path}: array '{name}' declares {declared} bytes of data but its member holds "
+            f"{info.file_size - header_bytes}"
+        )
 
 
 def _npz_array(archive: Any, key: str, path: Path) -> np.ndarray:
@@ -102,6 +153,8 @@ def load_npz(spec: DatasetSpec, seed: int) -> Dataset:
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise DatasetError(f"{path}: a single .npy array, not an npz archive with {', '.join(_NPZ_KEYS)}")
         with archive:
+            if archive.zip is not None:  # None only once the NpzFile is closed
+                check_npz_members(archive.zip, path)
             x_train = _npz_inputs(_npz_array(archive, "x_train", path), "x_train", path)
             x_test = _npz_inputs(_npz_array(archive, "x_test", path), "x_test", path)
             y_train = _npz_labels(_npz_array(archive, "y_train", path), x_train.shape[0], "y_train", path)
