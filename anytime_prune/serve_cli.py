@@ -202,14 +202,28 @@ def _self_command(*args: str) -> list[str]:
 
 
 def _dev_key(store: JobStore, previous: dict[str, Any] | None, redis_url: str) -> tuple[str, str]:
-    """A development API key: the one of the last ``serve`` on this Redis if it still works
-    (a persistent REDIS_URL keeps its keys), else a new one."""
-    if previous and previous.get("redis_url") == redis_url and previous.get("api_key"):
+    """A development API key: the one of the last ``serve`` if it still works on this Redis (the
+    embedded Redis keeps its data in the state folder, and so does a persistent REDIS_URL), else a
+    new one."""
+    if previous and previous.get("api_key"):
         owner = store.owner_for_secret(previous["api_key"])
         if owner is not None:
             return owner, str(previous["api_key"])
     key_id, secret = store.create_key("serve development key")
     return key_id, secret
+
+
+def _signing_secret(path: Path) -> str:
+    """The secret stored at ``path`` (0600), created on first use."""
+    if path.exists():
+        secret = path.read_text().strip()
+        if secret:
+            return secret
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret + "\n")
+    return secret
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -243,11 +257,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         # Everything is configured through the environment, which the children inherit: the
         # API and the worker read the very same settings as this process.
+        state_dir = Path(args.state_dir).resolve()
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not os.environ.get("REDIS_URL"):
-            embedded = EmbeddedRedis().start()
+            # Jobs, events and keys survive a restart: the embedded Redis keeps them here.
+            embedded = EmbeddedRedis(data_dir=state_dir / "redis").start()
             os.environ["REDIS_URL"] = embedded.url
         if not os.environ.get("APP_SIGNING_SECRET"):
-            os.environ["APP_SIGNING_SECRET"] = secrets.token_urlsafe(32)
+            # The same secret on every start: download links given out before a restart still work.
+            os.environ["APP_SIGNING_SECRET"] = _signing_secret(state_dir / "signing-secret")
         if args.artifacts_dir:
             os.environ["APP_ARTIFACTS_DIR"] = str(Path(args.artifacts_dir).resolve())
         if args.data_dir:
@@ -354,6 +372,12 @@ def add_serve_commands(sub: Any) -> None:
     )
     s.add_argument("--host", default=DEFAULT_HOST)
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument(
+        "--state-dir",
+        default=os.environ.get("APP_STATE_DIR", "runs"),
+        help="where serve keeps the embedded Redis's data and the link-signing secret, so a restart loses "
+        "nothing (default: $APP_STATE_DIR or ./runs)",
+    )
     s.add_argument("--artifacts-dir", help="where jobs write their files (default: $APP_ARTIFACTS_DIR)")
     s.add_argument("--data-dir", help="root of dataset paths in job specs (default: $APP_DATA_DIR)")
     s.add_argument("--queue", choices=QUEUE_NAMES, default="cpu", help="the queue of the worker")

