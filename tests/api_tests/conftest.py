@@ -27,6 +27,7 @@ def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
         celery_key_prefix=f"{key_prefix}:celery:",
         data_dir=data,
         artifacts_dir=tmp_path / "artifacts",
+        storage_dir=tmp_path / "storage",
         signing_secret="test-signing-secret",
         max_epochs=20,
         max_megabatches=10,
