@@ -43,6 +43,7 @@ from app_common.events import (
 from app_common.spec import JobSpec
 from app_engine.checkpoint import load_checkpoint, save_checkpoint
 from app_engine.data import Dataset, load_dataset
+from app_engine.errors import SpecInputError
 from app_engine.export import export_artifacts
 from app_engine.files import atomic_write_json
 from app_engine.models import create_model, prunable_parameters
@@ -257,7 +258,13 @@ def run(
     data: Dataset | None = None,
     data_root: Path | None = None,
 ) -> RunResult:
-    """Run ``spec`` into ``out_dir`` (resuming if it holds a checkpoint of the same spec)."""
+    """Run ``spec`` into ``out_dir`` (resuming if it holds a checkpoint of the same spec).
+
+    A spec naming an uploaded dataset (``dataset.id``) runs only with its ``data`` loaded by the
+    caller (the service's worker, from its dataset cache): the engine never reads the store.
+    """
+    if data is None and spec.dataset.id is not None:
+        raise SpecInputError("dataset.id names an uploaded dataset: submit the job to the service")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The fingerprint is of the spec as submitted: a worker on another host, with its data folder

@@ -285,3 +285,23 @@ def test_clean_train_accuracy_and_momentum_carry_resume_identically(tmp_path):
         assert 0.0 <= m["train_accuracy_clean"] <= 1.0
         assert m["generalization_gap_clean"] == pytest.approx(100 * (m["train_accuracy_clean"] - m["val_accuracy"]))
         assert m["generalization_gap"] == pytest.approx(100 * (m["train_accuracy"] - m["val_accuracy"]))
+
+
+def test_uploaded_dataset_runs_only_with_its_data(tmp_path):
+    """dataset.id: the engine never reads the service's store; the worker hands it the data, and the
+    run keeps the spec (and its fingerprint) as submitted."""
+    from app_engine.data import load_dataset
+    from app_engine.errors import SpecInputError
+
+    spec = JobSpec.from_dict({
+        "dataset": {"name": "npz", "id": "a" * 32}, "architecture": "mlp", "method": "dense",
+        "stream": {"megabatches": 1}, "training": {"epochs": 1},
+    })
+    with pytest.raises(SpecInputError, match="dataset.id names an uploaded dataset: submit the job to the service"):
+        run(spec, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    data = load_dataset(JobSpec.from_dict({"dataset": {"name": "digits"}}).dataset, seed=0)
+    outcome = run(spec, tmp_path / "given", data=data)
+    assert outcome.result["megabatches"][0]["test_accuracy"] > 0.5
+    # The checkpoint carries the submitted spec's fingerprint: a second run (another host) resumes it.
+    assert run(spec, tmp_path / "given", data=data).result["megabatches"] == outcome.result["megabatches"]
