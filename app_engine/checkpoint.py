@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from app_engine.errors import RunInputError
-from app_engine.files import atomic_write_json, sha256_file, write_atomic
+from app_engine.files import atomic_write_json, private_folder, sha256_file, write_atomic
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "sha256_file"]
 
@@ -41,7 +41,7 @@ class CheckpointError(RunInputError):
 def save_checkpoint(out_dir: Path, megabatch: int, state: dict[str, Any], spec_fingerprint: str) -> Path:
     """Write the state after ``megabatch`` and commit it; returns the checkpoint file."""
     folder = out_dir / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     path = folder / f"megabatch-{megabatch:04d}.pt"
     buffer = io.BytesIO()
     torch.save(state, buffer)

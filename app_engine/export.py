@@ -34,7 +34,7 @@ from torch import nn
 
 import app_engine
 from app_common.spec import JobSpec
-from app_engine.files import sha256_hex, write_atomic
+from app_engine.files import private_folder, sha256_hex, write_atomic
 from app_engine.loading import (
     FILE_FORMATS,
     MANIFEST_FILE,
@@ -243,7 +243,7 @@ def export_artifacts(
     from app_engine import report  # matplotlib is only needed here, not to load a model
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    private_folder(out)
     wanted = list(spec.export.formats if formats is None else formats)
     unknown = [f for f in wanted if f not in ("safetensors", "sparse", "onnx")]
     if unknown:

@@ -26,13 +26,20 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        # mkstemp creates the file 0600; artifacts are meant to be read by others (API, downloads).
-        os.chmod(tmp, 0o644)
+        # mkstemp creates the file 0600, and so it stays: weights, checkpoints and metrics are the
+        # user's; the service hands them out through signed links, not through file permissions.
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def private_folder(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and its parents) if needed; a folder this creates is 0700."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
 
 
 def _fsync_dir(folder: Path) -> None:

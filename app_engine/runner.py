@@ -45,7 +45,7 @@ from app_engine.checkpoint import load_checkpoint, save_checkpoint
 from app_engine.data import Dataset, load_dataset
 from app_engine.errors import SpecInputError
 from app_engine.export import export_artifacts
-from app_engine.files import atomic_write_json
+from app_engine.files import atomic_write_json, private_folder
 from app_engine.models import create_model, prunable_parameters
 from app_engine.pruning import Masks, prune
 from app_engine.schedule import PruneSchedule
@@ -266,7 +266,7 @@ def run(
     if data is None and spec.dataset.id is not None:
         raise SpecInputError("dataset.id names an uploaded dataset: submit the job to the service")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_folder(out_dir)
     # The fingerprint is of the spec as submitted: a worker on another host, with its data folder
     # elsewhere, must recognise the same run (and resume its checkpoints).
     fingerprint = spec.fingerprint()
