@@ -6,10 +6,13 @@
 2. read the record (once); a missing or terminal job is skipped (a late redelivery);
 3. count the attempt; past ``max_attempts`` the job fails instead of crashing workers forever;
 4. mark it running and start the heartbeat;
-5. check the spec and its dataset path, then run the engine into ``{artifacts_dir}/{job_id}``
-   (which resumes from the last megabatch checkpoint when an earlier attempt left one),
-   streaming events through the sink;
-6. record the outcome and release the lease. Errors by kind: a bad spec, a dataset path outside
+5. check the spec and its dataset path, fetch the job's checkpoints from the object store into
+   an empty ``{artifacts_dir}/{job_id}``, then run the engine there (it resumes from the last
+   megabatch checkpoint an earlier attempt, on any host, left), streaming events through the
+   sink and uploading each checkpoint as it is written (:mod:`worker.files`); a completed run's
+   exported files are uploaded to the store;
+6. record the outcome, drop the work folder (locally and its checkpoints in the store) once the
+   job is finished, and release the lease. Errors by kind: a bad spec, a dataset path outside
    the policy or an engine :class:`~app_engine.errors.RunInputError` (the user's to fix) fail
    the job at once; anything else is raised again so that Celery retries the delivery, which
    resumes from the checkpoint, until the attempt cap fails the job with the error as reason.
@@ -33,7 +36,9 @@ from app_common.jobs import ArtifactInfo, JobRecord
 from app_common.paths import DataPathError, resolve_data_path
 from app_common.settings import Settings
 from app_common.spec import JobSpec, SpecError
+from app_common.storage import Storage
 from app_common.store import JobStore
+from worker.files import RunFolderMirror, discard_work
 from worker.lease import LeaseHeartbeat, acquire_lease
 
 log = logging.getLogger(__name__)
@@ -43,10 +48,12 @@ OUTCOME_DUPLICATE = "duplicate"  # another worker holds a live lease on the job
 OUTCOME_LEASE_LOST = "lease_lost"  # another worker took the job over while this one ran it
 
 ACTIVE_STATUSES = frozenset({QUEUED, RUNNING, CANCELLING})
+TERMINAL_OUTCOMES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 
 def job_out_dir(settings: Settings, job_id: str) -> Path:
-    """The engine's ``out_dir`` for a job: checkpoints, ``result.json`` and exported files."""
+    """The engine's ``out_dir`` for a job on this host: checkpoints, ``result.json`` and exported
+    files (a work folder: the object store keeps what outlives the delivery)."""
     return Path(settings.artifacts_dir) / job_id
 
 
@@ -66,10 +73,14 @@ def execute_job(
     *,
     store: JobStore,
     settings: Settings,
+    storage: Storage | None = None,
     on_cancel_timeout: Callable[[], None] | None = None,
     lease_wait_s: float | None = None,
 ) -> str:
     """Run one delivery of job ``job_id`` and return what became of it.
+
+    ``storage`` is the object store of the job's checkpoints and files (default: the one the
+    settings name).
 
     ``on_cancel_timeout`` is called (from the heartbeat thread) after a job that ignored its
     cancel flag for the grace period was marked cancelled; the Celery task ends its process
@@ -96,7 +107,13 @@ def execute_job(
         if record.terminal:
             log.info("job %s: already %s; nothing to run", job_id, record.status)
             return OUTCOME_SKIPPED
-        return _execute_leased(record, token, store=store, settings=settings, on_cancel_timeout=on_cancel_timeout)
+        storage = storage or settings.open_storage()
+        outcome = _execute_leased(
+            record, token, store=store, settings=settings, storage=storage, on_cancel_timeout=on_cancel_timeout
+        )
+        if outcome in TERMINAL_OUTCOMES:
+            discard_work(storage, job_id, job_out_dir(settings, job_id))
+        return outcome
     finally:
         try:
             store.release_lease(job_id, token)
@@ -110,6 +127,7 @@ def _execute_leased(
     *,
     store: JobStore,
     settings: Settings,
+    storage: Storage,
     on_cancel_timeout: Callable[[], None] | None,
 ) -> str:
     job_id = record.id
@@ -144,7 +162,7 @@ def _execute_leased(
     heartbeat.start()
     try:
         return _run_engine(
-            job_id, record.spec, attempt=attempt, store=store, settings=settings, heartbeat=heartbeat
+            job_id, record.spec, attempt=attempt, store=store, settings=settings, storage=storage, heartbeat=heartbeat
         )
     finally:
         heartbeat.stop()
@@ -157,6 +175,7 @@ def _run_engine(
     attempt: int,
     store: JobStore,
     settings: Settings,
+    storage: Storage,
     heartbeat: LeaseHeartbeat,
 ) -> str:
     # The engine imports torch: only here, in the process that runs the job (the pool child).
@@ -165,12 +184,15 @@ def _run_engine(
     from worker.sink import RedisProgressSink
 
     sink = RedisProgressSink(store, job_id, interrupt=heartbeat.interrupt_reason)
+    # Before the sink: a checkpoint_written event in the stream means the checkpoint is stored.
+    mirror = RunFolderMirror(storage, job_id, job_out_dir(settings, job_id), interrupt=heartbeat.interrupt_reason)
     try:
         spec = JobSpec.from_dict(spec_dict)
         check_dataset_path(spec, Path(settings.data_dir))
-        outcome = run(
-            spec, job_out_dir(settings, job_id), callbacks=[sink], data_root=Path(settings.data_dir)
-        )
+        mirror.fetch()
+        outcome = run(spec, mirror.out_dir, callbacks=[mirror, sink], data_root=Path(settings.data_dir))
+        if not outcome.stopped and not heartbeat.lease_lost:
+            mirror.upload_artifacts(outcome.artifacts)
     except RedisError:
         # Not the job's fault: let the task retry; a redelivery resumes from the checkpoint.
         raise
@@ -188,8 +210,8 @@ def _run_engine(
             log.exception("job %s: the run raised on attempt %d of %d; giving up", job_id, attempt,
                           settings.max_attempts)
             return _finish(store, job_id, FAILED, f"{type(exc).__name__}: {exc}")
-        # Perhaps transient (a full disk, a CUDA error, a lost file system): try again from the
-        # last checkpoint with the next delivery.
+        # Perhaps transient (a full disk, a CUDA error, the object store unreachable): try again
+        # from the last checkpoint in the store with the next delivery.
         log.exception("job %s: the run raised on attempt %d of %d; retrying", job_id, attempt, settings.max_attempts)
         raise
 

@@ -39,7 +39,7 @@ def terminate_process() -> None:
     The job is already marked cancelled. The parent sees the child die, and with
     ``reject_on_worker_lost`` puts the message back; the redelivery finds the job terminal and is
     acknowledged without running anything. ``os._exit`` because a run cannot be interrupted from
-    another thread; nothing else of value is lost (the last megabatch checkpoint is on disk).
+    another thread; nothing else of value is lost (the last megabatch checkpoint is in the store).
     """
     logging.shutdown()
     sys.stderr.flush()
@@ -75,7 +75,11 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def run_job(self: Task, job_id: str) -> str:
         log.info("job %s: delivery %s (redelivered: %s)", job_id, self.request.id, _redelivered(self))
         store = connect_store(settings)
-        outcome = execute_job(job_id, store=store, settings=settings, on_cancel_timeout=terminate_process)
+        # Built per delivery, in the pool child: boto3 clients are not to be shared across a fork.
+        storage = settings.open_storage()
+        outcome = execute_job(
+            job_id, store=store, settings=settings, storage=storage, on_cancel_timeout=terminate_process
+        )
         log.info("job %s: %s", job_id, outcome)
         return outcome
 

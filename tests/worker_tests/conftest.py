@@ -17,6 +17,7 @@ def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
         redis_url=redis_url,
         redis_prefix=key_prefix,
         artifacts_dir=tmp_path / "artifacts",
+        storage_dir=tmp_path / "storage",
         data_dir=tmp_path / "data",
         job_lease_ttl_s=2,
         # Celery's queues under the test's prefix too: isolated, and removed with its keys.

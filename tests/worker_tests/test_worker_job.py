@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from worker_support import SPEC, events, sha256_of, spec_with, wait_for_event
 
 from app_common.settings import Settings
+from app_common.storage import artifact_key, job_prefix
 from app_common.store import JobStore
 from worker.job import OUTCOME_DUPLICATE, OUTCOME_SKIPPED, execute_job
 
@@ -54,16 +54,20 @@ def test_execute_job_runs_to_success(store: JobStore, settings: Settings) -> Non
             assert stored[key] == produced[key]
     assert [(e["megabatch"], e["epoch"]) for e in history["epochs"]] == [(1, 1), (2, 1)]
 
-    # Every listed artifact is on disk with the size and sha256 the record gives.
-    out_dir = settings.artifacts_dir / job.id
+    # Every listed artifact is in the store with the size and sha256 the record gives; the
+    # work folder is gone, here and in the store (a finished job is never resumed).
+    storage = settings.open_storage()
     names = {a.name for a in record.artifacts}
     assert {"model.safetensors", "masks.safetensors", "model.sparse.safetensors", "manifest.json"} <= names
     for artifact in record.artifacts:
-        path = out_dir / artifact.name
-        assert path.stat().st_size == artifact.bytes
+        path = storage.local_path(artifact_key(job.id, artifact.name))
+        assert path is not None and path.stat().st_size == artifact.bytes
         assert sha256_of(path) == artifact.sha256
         assert "path" not in artifact.model_dump()  # server paths stay on the server
-    assert json.loads((out_dir / "result.json").read_text())["cer"] == result["cer"]
+    assert [o.key for o in storage.list(job_prefix(job.id))] == sorted(
+        artifact_key(job.id, name) for name in names
+    )
+    assert not (settings.artifacts_dir / job.id).exists()
     assert not store.lease_alive(job.id)
 
     # A late redelivery of the finished job does nothing.

@@ -22,6 +22,7 @@ from worker_support import REPO, SPEC, events, sha256_of
 
 from app_common.jobs import JobRecord
 from app_common.settings import Settings
+from app_common.storage import LocalStorage, artifact_key
 from app_common.store import JobStore, make_redis
 from app_common.tasks import RUN_JOB_TASK
 
@@ -37,7 +38,7 @@ class CeleryWorker:
     store: JobStore
     sender: Celery
     log_path: Path
-    artifacts_dir: Path
+    storage: LocalStorage
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -70,6 +71,7 @@ def celery_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         "APP_REDIS_PREFIX": prefix,
         "APP_CELERY_KEY_PREFIX": settings.celery_key_prefix,
         "APP_ARTIFACTS_DIR": str(root / "artifacts"),
+        "APP_STORAGE_DIR": str(root / "storage"),
         "APP_DATA_DIR": str(root / "data"),
         "APP_JOB_LEASE_TTL_S": "2",
         "OMP_NUM_THREADS": "1",
@@ -92,7 +94,7 @@ def celery_worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
     # The API's side: a bare Celery app that knows only the broker and its transport options.
     sender = Celery("test-api", broker=redis_url, set_as_current=False)
     sender.conf.broker_transport_options = settings.celery_transport_options()
-    worker = CeleryWorker(process, store, sender, log_path, root / "artifacts")
+    worker = CeleryWorker(process, store, sender, log_path, LocalStorage(root / "storage"))
     try:
         deadline = time.monotonic() + 60
         while " ready." not in log_path.read_text(errors="replace"):
@@ -134,7 +136,8 @@ def test_celery_worker_runs_a_job_sent_by_name(celery_worker: CeleryWorker, refe
     assert [e["megabatch"] for e in stream if e["type"] == "megabatch_ended"] == [1, 2, 3]
     assert sum(e["type"] == "epoch_ended" for e in stream) == 90
     for artifact in record.artifacts:
-        assert sha256_of(celery_worker.artifacts_dir / record.id / artifact.name) == artifact.sha256
+        stored = celery_worker.storage.local_path(artifact_key(record.id, artifact.name))
+        assert stored is not None and sha256_of(stored) == artifact.sha256
     assert "reaper started" in celery_worker.log_path.read_text()  # worker_ready hook ran in the parent
 
 
@@ -184,7 +187,8 @@ def test_python_m_worker_starts_and_stops(redis_url: str, tmp_path: Path) -> Non
     """``python -m worker --queue gpu`` (run_worker) consumes the gpu queue and shuts down cleanly."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     env = {**os.environ, "REDIS_URL": redis_url, "APP_QUEUES": "cpu,gpu", "APP_REDIS_PREFIX": prefix,
-           "APP_CELERY_KEY_PREFIX": f"{prefix}:celery:", "APP_ARTIFACTS_DIR": str(tmp_path / "artifacts")}
+           "APP_CELERY_KEY_PREFIX": f"{prefix}:celery:", "APP_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+           "APP_STORAGE_DIR": str(tmp_path / "storage")}
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
