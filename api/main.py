@@ -10,6 +10,7 @@ Everything lives under ``/api/v1`` except ``/healthz``, ``/readyz``, ``/metrics`
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,11 +20,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from api import access_log
 from api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from api.metrics import ApiMetrics
 from api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from api.queue import create_celery
-from api.routes import artifacts, catalog, health, jobs
+from api.routes import artifacts, catalog, datasets, health, jobs
 from app_common.settings import Settings
 from app_common.store import JobStore, make_redis
 
@@ -42,6 +44,7 @@ def _version() -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API wired to ``settings`` (read from the environment when None)."""
     settings = settings or Settings()
+    access_log.install()  # signed links never reach the access log
     if not settings.redis_url:
         raise ValueError("settings.redis_url is required (anytime-prune serve starts an embedded Redis)")
     client = make_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
@@ -80,13 +83,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(jobs.router, prefix=API_PREFIX)
     app.include_router(artifacts.router, prefix=API_PREFIX)
+    app.include_router(datasets.router, prefix=API_PREFIX)
     app.include_router(catalog.router, prefix=API_PREFIX)
     app.include_router(health.router)
     # Added last = outermost: oversized bodies are refused before anything else runs.
     app.add_middleware(
         RequestMetricsMiddleware, requests=app.state.metrics.http_requests, latency=app.state.metrics.http_latency
     )
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Dataset uploads stream past the JSON body limit; their route enforces the declared size.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       exempt=[("PUT", re.compile(API_PREFIX + datasets.CONTENT_PATH))])
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

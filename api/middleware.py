@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterable
 
 from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException
@@ -15,14 +17,19 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 class BodySizeLimitMiddleware:
     """413 for a request body over ``max_bytes``: at once when Content-Length says so, otherwise
-    as soon as the streamed (chunked) body passes the limit."""
+    as soon as the streamed (chunked) body passes the limit.
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    Requests whose (method, path) match one of ``exempt`` pass unlimited: routes that stream a
+    large body (a dataset upload) enforce a limit of their own.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: Iterable[tuple[str, re.Pattern[str]]] = ()):
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = tuple(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self._exempt(scope):
             await self.app(scope, receive, send)
             return
         detail = f"request body larger than {self.max_bytes} bytes"
@@ -44,6 +51,10 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+    def _exempt(self, scope: Scope) -> bool:
+        path = scope.get("path", "")
+        return any(scope.get("method") == method and pattern.fullmatch(path) for method, pattern in self.exempt)
 
 
 def route_template(path: str, route_path: str | None) -> str:

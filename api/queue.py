@@ -1,4 +1,4 @@
-"""Queueing jobs: a Celery app used only as a producer. The API sends the task by *name*, so it
+"""Queueing jobs and dataset validations: a Celery app used only as a producer. The API sends the task by *name*, so it
 never imports the worker (or torch)."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import logging
 from celery import Celery
 
 from app_common.settings import Settings
-from app_common.tasks import RUN_JOB_TASK
+from app_common.tasks import CONTROL_QUEUE, RUN_JOB_TASK, VALIDATE_DATASET_TASK
 
 log = logging.getLogger(__name__)
+
 
 def create_celery(settings: Settings) -> Celery:
     """A producer-side Celery app on the Redis broker: JSON only, no results, fail fast.
@@ -47,3 +48,10 @@ def enqueue(celery_app: Celery, job_id: str, queue: str) -> None:
     broker cannot take it."""
     celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
     log.info("job %s queued on %s", job_id, queue)
+
+
+def enqueue_validation(celery_app: Celery, dataset_id: str) -> None:
+    """Put ``validate_dataset(dataset_id)`` on the control queue (never behind training jobs);
+    raises like :func:`enqueue`."""
+    celery_app.send_task(VALIDATE_DATASET_TASK, args=[dataset_id], queue=CONTROL_QUEUE)
+    log.info("dataset %s queued for validation on %s", dataset_id, CONTROL_QUEUE)

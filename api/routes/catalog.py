@@ -33,5 +33,6 @@ def catalog(settings: SettingsDep) -> Catalog:
             max_concurrent_jobs_per_key=settings.max_concurrent_jobs_per_key,
             max_body_bytes=settings.max_body_bytes,
             download_url_ttl_s=settings.download_url_ttl_s,
+            max_dataset_bytes=settings.max_dataset_bytes,
         ),
     )

@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from api.deps import CeleryDep, OwnerDep, SecretDep, SettingsDep, StoreDep
+from api.deps import CeleryDep, OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep
 from api.errors import ApiProblem, problem_responses, validation_problem
 from api.queue import enqueue
 from api.schemas import (
@@ -32,11 +32,13 @@ from api.schemas import (
 )
 from api.signing import signed_query
 from api.sse import event_source
+from app_common.datasets import READY
 from app_common.events import SUCCEEDED
 from app_common.jobs import JobRecord
 from app_common.paths import DataPathError, resolve_data_path
 from app_common.settings import Settings
 from app_common.spec import JobSpec
+from app_common.storage import StorageError, artifact_key, job_prefix
 from app_common.store import InvalidCursor, JobStore, TooManyActiveJobs
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,28 @@ def check_server_limits(spec: JobSpec, settings: Settings) -> str:
     return queue or settings.default_queue
 
 
+def with_uploaded_dataset(spec: JobSpec, owner: str, store: JobStore) -> JobSpec:
+    """The spec to store for a job on an uploaded dataset (``dataset.id``): the dataset must be the
+    owner's (else 422 naming ``dataset.id``) and ``ready`` (else 409); ``dataset.name`` defaults to
+    its format and must equal it when given (else 422 naming ``dataset.name``)."""
+    dataset_id = spec.dataset.id
+    if dataset_id is None:
+        return spec
+    dataset = store.get_dataset(dataset_id)
+    if dataset is None or dataset.owner != owner:
+        raise validation_problem([FieldError(field="dataset.id", reason=f"you have no dataset {dataset_id}")])
+    if "name" in spec.dataset.model_fields_set and spec.dataset.name != dataset.format:
+        raise validation_problem([FieldError(
+            field="dataset.name", reason=f"dataset {dataset_id} is {dataset.format!r}, not {spec.dataset.name!r}"
+        )])
+    if dataset.status != READY:
+        detail = f"dataset {dataset_id} is {dataset.status}" + (f": {dataset.error}" if dataset.error else "")
+        raise ApiProblem(409, detail + "; jobs may use only ready datasets", slug="dataset-not-ready")
+    filled = spec.to_dict()
+    filled["dataset"]["name"] = dataset.format
+    return JobSpec.model_validate(filled)
+
+
 def _job_created(body: dict[str, Any], *, replayed: bool = False) -> JSONResponse:
     headers = {"Location": body["urls"]["self"]}
     if replayed:
@@ -174,7 +198,8 @@ def create_job(
                                  slug="idempotency-in-progress", headers={"Retry-After": "1"})
             return _job_created(previous["response"]["body"], replayed=True)
     try:
-        record = _create_and_enqueue(spec, owner, queue, settings, store, celery_app)
+        record = _create_and_enqueue(with_uploaded_dataset(spec, owner, store), owner, queue, settings, store,
+                                     celery_app)
     except BaseException:
         if idempotency_key is not None:
             try:
@@ -280,11 +305,18 @@ def cancel_job(job_id: str, request: Request, owner: OwnerDep, store: StoreDep, 
     summary="Delete a finished job, its events and its artifacts",
     responses=problem_responses(401, 404, 409, 503),
 )
-def delete_job(job_id: str, owner: OwnerDep, store: StoreDep, settings: SettingsDep) -> Response:
+def delete_job(
+    job_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDep, settings: SettingsDep
+) -> Response:
     record = owned_job(store, job_id, owner)
     if not record.terminal:
         raise ApiProblem(409, f"job {job_id} is {record.status}: cancel it first", slug="job-not-finished")
     store.delete_job(job_id)
+    try:
+        storage.delete_prefix(job_prefix(job_id))
+    except StorageError as exc:  # the record is gone; the files only cost space
+        log.warning("job %s: could not delete its files from the store (%s)", job_id, exc)
+    # A work folder a killed worker left on this host (one-host deployments share the folder).
     folder = settings.artifacts_dir / job_id
     if folder.exists():
         shutil.rmtree(folder, ignore_errors=True)
@@ -346,23 +378,32 @@ def job_metrics(job_id: str, owner: OwnerDep, store: StoreDep) -> JobMetrics:
     description="Each `download_url` is signed and expires (`expires_at`); it works without the API key.",
 )
 def job_artifacts(
-    job_id: str, request: Request, owner: OwnerDep, store: StoreDep, settings: SettingsDep, secret: SecretDep
+    job_id: str,
+    request: Request,
+    owner: OwnerDep,
+    store: StoreDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    secret: SecretDep,
 ) -> list[ArtifactPublic]:
     record = owned_job(store, job_id, owner)
     if record.status != SUCCEEDED:
         raise ApiProblem(409, f"job {job_id} is {record.status}: artifacts exist once it succeeded",
                          slug="job-not-succeeded")
     base = settings.public_base_url or str(request.base_url).rstrip("/")
+    ttl = settings.download_url_ttl_s
     now = time.time()
     out = []
     for info in artifact_infos(record):
-        query, expires = signed_query(secret, job_id, info.name, settings.download_url_ttl_s, now=now)
-        path = request.app.url_path_for("download_artifact", job_id=job_id, name=quote(info.name, safe=""))
+        # The store's own presigned link when it has them (the file never passes through the API),
+        # else this API's HMAC-signed link (local storage).
+        url = storage.presigned_get(artifact_key(job_id, info.name), expires_s=ttl, filename=info.name)
+        expires = int(now) + ttl
+        if url is None:
+            query, expires = signed_query(secret, job_id, info.name, ttl, now=now)
+            path = request.app.url_path_for("download_artifact", job_id=job_id, name=quote(info.name, safe=""))
+            url = f"{base}{path}?{query}"
         out.append(
-            ArtifactPublic(
-                **info.model_dump(),
-                download_url=f"{base}{path}?{query}",
-                expires_at=datetime.fromtimestamp(expires, UTC),
-            )
+            ArtifactPublic(**info.model_dump(), download_url=url, expires_at=datetime.fromtimestamp(expires, UTC))
         )
     return out

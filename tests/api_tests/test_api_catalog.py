@@ -20,4 +20,4 @@ async def test_catalog(api: Api) -> None:
     assert body["precisions"] == list(S.PRECISIONS) and body["export_formats"] == list(S.EXPORT_FORMATS)
     assert body["devices"] == ["auto", "cpu"] and body["queues"] == ["cpu"]
     assert body["limits"] == {"max_epochs": 20, "max_megabatches": 10, "max_concurrent_jobs_per_key": 3,
-                              "max_body_bytes": 4096, "download_url_ttl_s": 3600}
+                              "max_body_bytes": 4096, "download_url_ttl_s": 3600, "max_dataset_bytes": 2 * 2**30}

@@ -23,6 +23,8 @@ async def test_openapi_document(api: Api) -> None:
     assert operation_ids == {
         "create_job", "list_jobs", "get_job", "cancel_job", "delete_job", "job_events", "job_metrics",
         "job_artifacts", "download_artifact", "catalog", "healthz", "readyz", "prometheus_metrics",
+        "create_dataset", "upload_dataset_content", "complete_dataset_upload", "list_datasets", "get_dataset",
+        "delete_dataset",
     }
     assert all(p.startswith("/api/v1/") or p in ("/healthz", "/readyz", "/metrics") for p in doc["paths"])
     create = doc["paths"]["/api/v1/jobs"]["post"]
