@@ -29,12 +29,13 @@ from celery.signals import worker_init, worker_ready, worker_shutdown
 from kombu.entity import Exchange, Queue
 
 from app_common.settings import Settings
-from app_common.tasks import QUEUE_NAMES
+from app_common.tasks import CONTROL_QUEUE, QUEUE_NAMES, VALIDATE_DATASET_TASK
 from worker.tasks import register_tasks
 
 log = logging.getLogger(__name__)
 
-QUEUES = QUEUE_NAMES
+# The training queues and the control queue (dataset validation, off the training queues).
+QUEUES = (*QUEUE_NAMES, CONTROL_QUEUE)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             for name in QUEUES
         ],
         "task_default_queue": settings.default_queue,
+        "task_routes": {VALIDATE_DATASET_TASK: {"queue": CONTROL_QUEUE}},
         # Job state lives in our records; Celery's task events would only add traffic.
         "worker_send_task_events": False,
         "task_send_sent_event": False,
@@ -75,7 +77,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app for ``settings`` with the ``anytime_prune.run_job`` task registered.
+    """A Celery app for ``settings`` with its tasks (:func:`worker.tasks.register_tasks`) registered.
 
     The app's worker, once ready, starts the orphan reaper in its main process; a worker without
     a Redis URL refuses to start (the ``serve`` command passes the embedded Redis's URL).

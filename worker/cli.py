@@ -1,13 +1,16 @@
-"""Start a worker programmatically (``anytime-prune worker --queue gpu|cpu`` calls this)."""
+"""Start a worker programmatically (``anytime-prune worker --queue gpu|cpu|control`` calls this)."""
 
 from __future__ import annotations
 
 import logging
 
 from app_common.settings import Settings
-from app_common.tasks import QUEUE_NAMES
+from app_common.tasks import CONTROL_QUEUE, QUEUE_NAMES
 
 log = logging.getLogger(__name__)
+
+# What ``--queue`` accepts: a training queue, or the control queue (dataset validation).
+WORKER_QUEUES: tuple[str, ...] = (*QUEUE_NAMES, CONTROL_QUEUE)
 
 
 def worker_argv(queue: str, *, loglevel: str = "INFO", hostname: str | None = None) -> list[str]:
@@ -17,8 +20,8 @@ def worker_argv(queue: str, *, loglevel: str = "INFO", hostname: str | None = No
     -O fair --max-tasks-per-child 1``: one job per worker (one per GPU), holding no message it
     does not run, and a fresh pool child for every job.
     """
-    if queue not in QUEUE_NAMES:
-        raise ValueError(f"unknown queue '{queue}'; known: {', '.join(QUEUE_NAMES)}")
+    if queue not in WORKER_QUEUES:
+        raise ValueError(f"unknown queue '{queue}'; known: {', '.join(WORKER_QUEUES)}")
     return [
         "worker",
         "--queues", queue,

@@ -181,6 +181,7 @@ def _run_engine(
     # The engine imports torch: only here, in the process that runs the job (the pool child).
     from app_engine.errors import RunInputError
     from app_engine.runner import run
+    from worker.dataset_cache import load_job_data
     from worker.sink import RedisProgressSink
 
     sink = RedisProgressSink(store, job_id, interrupt=heartbeat.interrupt_reason)
@@ -189,8 +190,10 @@ def _run_engine(
     try:
         spec = JobSpec.from_dict(spec_dict)
         check_dataset_path(spec, Path(settings.data_dir))
+        # An uploaded dataset (dataset.id) comes from this host's cache; the spec stays as submitted.
+        data = load_job_data(spec, store=store, storage=storage, settings=settings)
         mirror.fetch()
-        outcome = run(spec, mirror.out_dir, callbacks=[mirror, sink], data_root=Path(settings.data_dir))
+        outcome = run(spec, mirror.out_dir, callbacks=[mirror, sink], data=data, data_root=Path(settings.data_dir))
         if not outcome.stopped and not heartbeat.lease_lost:
             mirror.upload_artifacts(outcome.artifacts)
     except RedisError:

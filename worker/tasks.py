@@ -15,7 +15,8 @@ from celery import Celery, Task
 
 from app_common.settings import Settings
 from app_common.store import JobStore, make_redis
-from app_common.tasks import RUN_JOB_TASK
+from app_common.tasks import RUN_JOB_TASK, VALIDATE_DATASET_TASK
+from worker.datasets import validate_dataset
 from worker.job import execute_job
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def terminate_process() -> None:
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
-    """Register ``anytime_prune.run_job`` on ``app``, bound to ``settings``.
+    """Register ``anytime_prune.run_job`` and ``anytime_prune.validate_dataset`` (the control
+    queue's) on ``app``, bound to ``settings``.
 
     The task is a closure over ``settings`` (not a module-level ``shared_task``) so a worker
     started programmatically with injected settings runs jobs with those, not with whatever the
@@ -81,6 +83,29 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             job_id, store=store, settings=settings, storage=storage, on_cancel_timeout=terminate_process
         )
         log.info("job %s: %s", job_id, outcome)
+        return outcome
+
+    @app.task(  # type: ignore[untyped-decorator]  # Celery is untyped
+        name=VALIDATE_DATASET_TASK,
+        bind=True,
+        shared=False,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        # The store or Redis unreachable: try again; the dataset stays validating meanwhile.
+        # validate_dataset records every problem of the upload itself on the dataset.
+        autoretry_for=(Exception,),
+        retry_backoff=5,
+        retry_backoff_max=300,
+        retry_jitter=True,
+        max_retries=10,
+    )
+    def validate(self: Task, dataset_id: str) -> str:
+        log.info("dataset %s: validation %s", dataset_id, self.request.id)
+        outcome = validate_dataset(
+            dataset_id, store=connect_store(settings), storage=settings.open_storage(), settings=settings
+        )
+        log.info("dataset %s: %s", dataset_id, outcome)
         return outcome
 
 

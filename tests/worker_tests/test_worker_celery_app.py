@@ -11,7 +11,7 @@ import pytest
 from worker_support import REPO
 
 from app_common.settings import Settings
-from app_common.tasks import RUN_JOB_TASK
+from app_common.tasks import RUN_JOB_TASK, VALIDATE_DATASET_TASK
 from worker.celery_app import make_celery
 from worker.cli import run_worker, worker_argv
 
@@ -28,10 +28,12 @@ def test_celery_config(settings: Settings) -> None:
         assert conf.broker_transport_options["visibility_timeout"] == settings.visibility_timeout_s
         assert conf.broker_transport_options["global_keyprefix"] == settings.celery_key_prefix
         assert conf.result_backend_transport_options["visibility_timeout"] == settings.visibility_timeout_s
-        assert {q.name for q in conf.task_queues} == {"cpu", "gpu"} and conf.task_default_queue == "cpu"
+        assert {q.name for q in conf.task_queues} == {"cpu", "gpu", "control"} and conf.task_default_queue == "cpu"
+        # Dataset validation goes to the control queue, never behind a training job.
+        assert conf.task_routes == {VALIDATE_DATASET_TASK: {"queue": "control"}}
         # Each queue on its own exchange and key: a job sent to one queue never lands in the other.
         assert all(q.exchange.name == q.routing_key == q.name for q in conf.task_queues)
-        assert RUN_JOB_TASK in app.tasks
+        assert RUN_JOB_TASK in app.tasks and VALIDATE_DATASET_TASK in app.tasks
     finally:
         app.close()
 
@@ -39,6 +41,7 @@ def test_celery_config(settings: Settings) -> None:
 def test_worker_needs_redis_and_a_known_queue(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown queue 'tpu'"):
         worker_argv("tpu")
+    assert worker_argv("control")[:3] == ["worker", "--queues", "control"]  # dataset validation
     with pytest.raises(RuntimeError, match="REDIS_URL"):
         run_worker("cpu", Settings(redis_url=None, artifacts_dir=tmp_path))
     # The plain Celery command line refuses to start too, instead of retrying amqp://localhost.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from dataset_support import digits_npz, uploaded
+from worker_support import SPEC
 
 from app_common.datasets import DatasetRecord
 from app_common.settings import Settings
@@ -16,6 +17,7 @@ from app_common.spec import JobSpec
 from app_common.storage import LocalStorage, dataset_key
 from app_common.store import JobStore
 from worker.dataset_cache import DatasetCache, DatasetUnavailable, load_job_data
+from worker.job import execute_job
 
 
 @pytest.fixture
@@ -125,3 +127,20 @@ def test_load_job_data(store: JobStore, storage: LocalStorage, settings: Setting
     missing = JobSpec.from_dict({"dataset": {"name": "npz", "id": "e" * 32}})
     with pytest.raises(DatasetUnavailable, match="no such dataset"):
         load_job_data(missing, store=store, storage=storage, settings=local)
+
+
+def test_a_job_on_an_uploaded_dataset(store: JobStore, storage: LocalStorage, settings: Settings,
+                                      tmp_path: Path) -> None:
+    local = settings.model_copy(update={"cache_dir": tmp_path / "cache"})
+    record = ready(store, storage, tmp_path)
+    job = store.create_job("key_a", {**SPEC, "dataset": {"name": "npz", "id": record.id}}, queue="cpu")
+    assert execute_job(job.id, store=store, settings=local, storage=storage) == "succeeded"
+    done = store.get_job(job.id)
+    assert done is not None and done.spec["dataset"] == {"name": "npz", "id": record.id}  # as submitted
+    assert (local.cache_dir / f"{record.sha256}-npz").is_dir()
+    # A dataset deleted before the job ran fails it at once with the reason (no retry).
+    assert store.delete_dataset(record.id)
+    late = store.create_job("key_a", {**SPEC, "dataset": {"name": "npz", "id": record.id}}, queue="cpu")
+    assert execute_job(late.id, store=store, settings=local, storage=storage) == "failed"
+    failed = store.get_job(late.id)
+    assert failed is not None and failed.error == f"dataset.id {record.id}: no such dataset (it was deleted)"
