@@ -94,6 +94,9 @@ def run_seaweedfs(folder: Path, *, startup_timeout_s: float = 60.0) -> Iterator[
         # that a fresh bucket per test never runs out (auto-sizing allows ~2 volumes of 30 GiB).
         "-master.volumeSizeLimitMB=64", "-volume.max=1000",
         "-s3", f"-s3.port={s3}", f"-s3.config={config}",
+        # Its Iceberg and Lance catalogs listen on fixed ports (8181, 9101) by default: two test
+        # sessions on one machine would clash.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]
     (folder / "data").mkdir(exist_ok=True)
     log = (folder / "weed.log").open("wb")
