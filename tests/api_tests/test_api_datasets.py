@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from api_support import Api, assert_problem, closed_port
+from api_support import Api, assert_problem, closed_port, make_api
 
 from api.main import create_app
 from api.queue import create_celery
@@ -39,10 +39,12 @@ def announce_body(payload: bytes = PAYLOAD, **changes: Any) -> dict[str, Any]:
             "bytes": len(payload)} | changes
 
 
-async def announce(api: Api, payload: bytes = PAYLOAD, headers: dict[str, str] | None = None, **changes: Any) -> dict:
+async def announce(
+    api: Api, payload: bytes = PAYLOAD, headers: dict[str, str] | None = None, **changes: Any
+) -> dict[str, Any]:
     r = await api.client.post("/api/v1/datasets", json=announce_body(payload, **changes), headers=headers or api.a)
     assert r.status_code == 201, r.text
-    return r.json()
+    return dict(r.json())
 
 
 def validations_queued(api: Api) -> list[str]:
@@ -242,6 +244,63 @@ async def test_queue_down_is_503_and_keeps_the_dataset_uploading(api: Api, setti
     app.state.celery = working
     r = await api.client.post(created["urls"]["complete"], headers=api.a)
     assert r.status_code == 202 and validations_queued(api) == [created["id"]]
+
+
+# --- the S3 backend: a presigned POST straight to the store, then complete --------------------
+@pytest.fixture
+async def s3_api(
+    settings: Settings, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Api]:
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    async for api in make_api(settings.model_copy(update={"storage_url": f"s3://{s3_bucket}/service"})):
+        yield api
+
+
+async def presigned_post(created: dict[str, Any], payload: bytes) -> httpx.Response:
+    post = created["upload"]["post"]
+    async with httpx.AsyncClient() as store_client:
+        # The policy's fields first, the file last (what the store expects of a browser form).
+        return await store_client.post(post["url"], data=post["fields"], files={"file": ("data.npz", payload)})
+
+
+async def test_presigned_post_then_complete(s3_api: Api) -> None:
+    created = await announce(s3_api)
+    post = created["upload"]["post"]
+    assert post is not None and post["url"].startswith("http://127.0.0.1") and post["fields"]
+    assert created["upload"]["put_url"].endswith(created["urls"]["content"])
+    r = await presigned_post(created, PAYLOAD)
+    assert r.status_code in (200, 201, 204), r.text
+    done = await s3_api.client.post(created["urls"]["complete"], headers=s3_api.a)
+    assert done.status_code == 202, done.text
+    assert done.json()["status"] == "validating" and done.json()["upload"] is None
+    assert validations_queued(s3_api) == [created["id"]]
+    storage = s3_api.settings.open_storage()
+    assert b"".join(storage.iter_chunks(dataset_key(created["id"]))) == PAYLOAD
+
+
+async def test_presigned_post_over_the_declared_size_is_refused_by_the_store(s3_api: Api) -> None:
+    created = await announce(s3_api)
+    r = await presigned_post(created, PAYLOAD + b"x")
+    assert r.status_code == 400 and "EntityTooLarge" in r.text
+    problem = assert_problem(await s3_api.client.post(created["urls"]["complete"], headers=s3_api.a), 422)
+    assert [e["field"] for e in problem["errors"]] == ["bytes"]
+    assert s3_api.settings.open_storage().stat(dataset_key(created["id"])) is None
+    record = s3_api.store.get_dataset(created["id"])
+    assert record is not None and record.status == "uploading" and validations_queued(s3_api) == []
+
+
+async def test_streamed_put_with_the_s3_backend(s3_api: Api) -> None:
+    created = await announce(s3_api)
+    wrong = await s3_api.client.put(created["urls"]["content"], content=PAYLOAD[::-1], headers=s3_api.a)
+    assert [e["field"] for e in assert_problem(wrong, 422)["errors"]] == ["sha256"]
+    storage = s3_api.settings.open_storage()
+    assert storage.list("datasets/") == []
+    r = await s3_api.client.put(created["urls"]["content"], content=chunks_of(PAYLOAD), headers=s3_api.a)
+    assert r.status_code == 202, r.text
+    assert b"".join(storage.iter_chunks(dataset_key(created["id"]))) == PAYLOAD
+    assert (await s3_api.client.delete(created["urls"]["self"], headers=s3_api.a)).status_code == 204
+    assert storage.list("datasets/") == []
 
 
 # --- a real HTTP server: cut-off connections and a large streamed upload ---------------------------
