@@ -1,4 +1,5 @@
-"""api/routes/jobs.py: submission and validation, idempotency, limits, listing, cancel, delete, metric history."""
+"""api/routes/jobs.py: submission and validation, idempotency, limits, listing, cancel, delete, metric history,
+jobs on uploaded datasets."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from api_support import SMALL, Api, assert_problem, epoch_event, make_api
 from factories import megabatch_ended
 
 from app_common import spec as S
+from app_common.datasets import DatasetInfo
 from app_common.events import Pruned
 from app_common.settings import Settings
 
@@ -211,3 +213,70 @@ async def test_metrics_history(api: Api) -> None:
     assert body["epochs"][5]["train_loss"] == pytest.approx(1 / 6)
     job = (await api.client.get(f"/api/v1/jobs/{job_id}", headers=api.a)).json()
     assert job["progress"]["fraction"] == 1.0 and job["latest_metrics"]["test_accuracy"] == pytest.approx(0.7)
+
+
+# --- jobs on an uploaded dataset (dataset.id) -------------------------------------------------------
+def uploaded(api: Api, owner: str, *, fmt: str = "npz", ready: bool = True) -> str:
+    """A dataset of ``owner`` straight in the store (the upload itself is test_api_datasets')."""
+    record = api.store.create_dataset(owner, name="mine", format=fmt, sha256="ab" * 32, bytes=10)
+    if ready:
+        api.store.move_dataset(record.id, "validating", allowed_from={"uploading"})
+        info = DatasetInfo(train_samples=8, test_samples=2, num_classes=2, classes=["a", "b"], input_shape=[4])
+        api.store.set_dataset_ready(record.id, info)
+    return record.id
+
+
+async def test_job_on_an_uploaded_dataset_gets_its_format_as_name(api: Api) -> None:
+    dataset_id = uploaded(api, api.owner_a, fmt="cifar10")
+    job = await api.submit({"dataset": {"id": dataset_id}, **SMALL})
+    assert job["spec"]["dataset"]["id"] == dataset_id and job["spec"]["dataset"]["name"] == "cifar10"
+    stored = api.store.get_job(job["id"])
+    assert stored is not None and stored.spec["dataset"] == job["spec"]["dataset"]
+    assert api.queued_job_ids() == [job["id"]]
+    same = await api.submit({"dataset": {"id": dataset_id, "name": "cifar10", "few_shot": 2}, **SMALL})
+    assert same["spec"]["dataset"]["few_shot"] == 2
+
+
+async def test_job_on_an_uploaded_dataset_replays_with_its_idempotency_key(api: Api) -> None:
+    dataset_id = uploaded(api, api.owner_a)
+    headers = {**api.a, "Idempotency-Key": "on-upload"}
+    body = {"dataset": {"id": dataset_id}, **SMALL}
+    first = await api.client.post("/api/v1/jobs", json=body, headers=headers)
+    again = await api.client.post("/api/v1/jobs", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json() and api.queue_length() == 1
+
+
+async def test_job_on_a_dataset_that_is_not_ready_is_409(api: Api) -> None:
+    for status in ("uploading", "validating", "invalid"):
+        dataset_id = uploaded(api, api.owner_a, ready=False)
+        if status != "uploading":
+            api.store.move_dataset(dataset_id, "validating", allowed_from={"uploading"})
+        if status == "invalid":
+            api.store.set_dataset_invalid(dataset_id, "not a zip file")
+        r = await api.client.post("/api/v1/jobs", json={"dataset": {"id": dataset_id}, **SMALL}, headers=api.a)
+        problem = assert_problem(r, 409)
+        assert problem["type"].endswith("dataset-not-ready") and status in problem["detail"]
+        if status == "invalid":
+            assert "not a zip file" in problem["detail"]
+    assert api.queue_length() == 0 and api.store.list_jobs(api.owner_a) == ([], None)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "field"),
+    [
+        ({"id": "0" * 32}, "dataset.id"),  # nobody's
+        ({"id": "B's"}, "dataset.id"),  # replaced below by key b's dataset
+        ({"id": "not-hex"}, "dataset.id"),
+        ({"id": "A", "name": "imagefolder"}, "dataset.name"),  # A: key a's npz dataset
+        ({"id": "A", "name": "digits"}, "dataset.name"),
+        ({"id": "A", "path": "cifar/train.npz"}, "dataset.path"),
+    ],
+)
+async def test_job_naming_a_dataset_it_cannot_use_is_422(api: Api, dataset: dict[str, str], field: str) -> None:
+    mine, theirs = uploaded(api, api.owner_a), uploaded(api, api.owner_b)
+    dataset = dataset | {"id": {"A": mine, "B's": theirs}.get(dataset["id"], dataset["id"])}
+    r = await api.client.post("/api/v1/jobs", json={"dataset": dataset, **SMALL}, headers=api.a)
+    problem = assert_problem(r, 422)
+    assert field in [e["field"] for e in problem["errors"]], problem
+    assert api.queue_length() == 0 and api.store.list_jobs(api.owner_a) == ([], None)
