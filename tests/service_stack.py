@@ -73,6 +73,7 @@ class ServiceStack:
     store: JobStore
     artifacts_dir: Path
     data_dir: Path
+    storage_dir: Path  # the local object store (unless extra_env names another, APP_STORAGE_URL)
     folder: Path
     prefix: str
     logs: dict[str, Path] = field(default_factory=dict)
@@ -83,15 +84,16 @@ class ServiceStack:
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start ``anytime-prune ARGS`` as ``name``, in its own process group, logging to a file
-        (appended to, so a restarted process keeps its predecessor's log)."""
+        (appended to, so a restarted process keeps its predecessor's log); ``extra_env`` adds to
+        the stack's environment for this process only (a worker on another "host")."""
         log_path = self.folder / f"{name}.log"
         self.logs[name] = log_path
         with open(log_path, "ab") as handle:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
-                cli_argv(*args), env=self.env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                cli_argv(*args), env={**self.env, **(extra_env or {})}, cwd=ROOT, stdout=handle,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )
         if name in self.processes:
             self.retired.append(self.processes[name])
@@ -161,7 +163,7 @@ def service_stack(redis_url: str, folder: Path, *, worker: bool = True,
     """Start the API (and a cpu worker) on ``redis_url`` under a fresh prefix; stop them and
     delete the prefix's keys afterwards."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    artifacts, data = folder / "artifacts", folder / "data"
+    artifacts, data, storage = folder / "artifacts", folder / "data", folder / "storage"
     artifacts.mkdir(parents=True)
     data.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APP_", "ANYTIME_PRUNE_"))}
@@ -174,6 +176,8 @@ def service_stack(redis_url: str, folder: Path, *, worker: bool = True,
             "APP_CELERY_KEY_PREFIX": f"{prefix}:",
             "APP_ARTIFACTS_DIR": str(artifacts),
             "APP_DATA_DIR": str(data),
+            "APP_STORAGE_DIR": str(storage),
+            "APP_CACHE_DIR": str(folder / "cache"),
             "APP_SIGNING_SECRET": uuid.uuid4().hex,
             "APP_QUEUES": "cpu",
             "APP_DEFAULT_QUEUE": "cpu",
@@ -197,6 +201,7 @@ def service_stack(redis_url: str, folder: Path, *, worker: bool = True,
         store=JobStore(redis_client, prefix=prefix),
         artifacts_dir=artifacts,
         data_dir=data,
+        storage_dir=storage,
         folder=folder,
         prefix=prefix,
     )

@@ -31,6 +31,7 @@ from anytime_prune.client import (
     write_credentials,
 )
 from app_common.spec import JobSpec
+from app_common.storage import artifact_key
 
 # --- pure -------------------------------------------------------------------------------------
 
@@ -304,7 +305,7 @@ def test_download_subset_and_checksum_mismatch(
 
     # Corrupt the stored file: same size, one byte flipped. The listing (from the job record)
     # still has the true sha256, so the client must refuse the bytes and leave nothing behind.
-    stored = stack.artifacts_dir / done["id"] / "model.sparse.safetensors"
+    stored = stack.storage_dir / artifact_key(done["id"], "model.sparse.safetensors")
     original = stored.read_bytes()
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0xFF

@@ -1,4 +1,8 @@
-"""/api/v1/artifacts: downloads through signed, expiring links (no API key needed)."""
+"""/api/v1/artifacts: downloads through signed, expiring links (no API key needed).
+
+Served only with the local storage backend: with an object store the job's links are the store's
+own presigned URLs (api/routes/jobs.py), and the files never pass through the API.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from api.deps import SecretDep, SettingsDep, StoreDep
+from api.deps import SecretDep, StorageDep, StoreDep
 from api.errors import ApiProblem, problem_responses
 from api.routes.jobs import artifact_infos
 from api.signing import verify
 from app_common.events import SUCCEEDED
+from app_common.storage import artifact_key
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
 
@@ -45,7 +50,7 @@ async def download_artifact(
     job_id: str,
     name: str,
     store: StoreDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     secret: SecretDep,
     expires: Annotated[int, Query(ge=0, le=2**53, description="Unix time the link expires.")],
     sig: Annotated[str, Query(min_length=1, max_length=128, description="HMAC-SHA256 of job_id/name/expires.")],
@@ -60,9 +65,9 @@ async def download_artifact(
     missing = ApiProblem(404, f"job {job_id} has no artifact {name!r}", slug="artifact-not-found")
     if info is None:
         raise missing
-    folder = (settings.artifacts_dir / job_id).resolve()
-    path = (folder / name).resolve()
-    if path.parent != folder or not path.is_file():
+    # artifact_infos admits plain file names only, so the key stays inside the job's files.
+    path = storage.local_path(artifact_key(job_id, name))
+    if path is None or not path.is_file():
         raise missing
     return FileResponse(
         path,
