@@ -1,5 +1,6 @@
-"""A real service for end-to-end tests: the API (``anytime-prune api``, uvicorn) and a Celery
-worker (``anytime-prune worker --queue cpu``) as subprocesses on a real Redis, with their own key
+"""A real service for end-to-end tests: the API (``anytime-prune api``, uvicorn), a Celery
+worker (``anytime-prune worker --queue cpu``) and a control worker (``--queue control``, dataset
+validation) as subprocesses on a real Redis, with their own key
 prefix and temporary artifacts and data folders.
 
 Used by ``test_client.py`` and ``test_e2e.py`` through a module-scoped fixture, so one stack serves
@@ -102,6 +103,9 @@ class ServiceStack:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         return self.start("worker", "worker", "--queue", "cpu", "--hostname", f"{self.prefix}@%h")
+
+    def start_control_worker(self) -> subprocess.Popen[bytes]:
+        return self.start("control", "worker", "--queue", "control", "--hostname", f"{self.prefix}-control@%h")
 
     def crash_worker(self) -> None:
         """SIGKILL the worker's whole process group (main process and the pool child running a
@@ -209,6 +213,7 @@ def service_stack(redis_url: str, folder: Path, *, worker: bool = True,
         stack.start("api", "api", "--port", str(port), "--no-access-log")
         if worker:
             stack.start_worker()
+            stack.start_control_worker()
         _wait_ready(stack)
         yield stack
     finally:
