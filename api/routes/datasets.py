@@ -188,22 +188,26 @@ async def _stream_to_storage(request: Request, record: DatasetRecord, storage: S
             ))
 
     def write() -> StoredObject:
-        with receive:
-            return storage.put_stream(dataset_key(record.id), pieces(), max_bytes=record.bytes)
+        return storage.put_stream(dataset_key(record.id), pieces(), max_bytes=record.bytes)
 
     failure: BaseException | None = None
     stored: StoredObject | None = None
-    async with anyio.create_task_group() as group:
-        group.start_soon(read_body)
-        try:
-            stored = await anyio.to_thread.run_sync(write)
-        except Exception as exc:
-            failure = exc
-            group.cancel_scope.cancel()
+    with receive:
+        async with anyio.create_task_group() as group:
+            group.start_soon(read_body)
+            try:
+                stored = await anyio.to_thread.run_sync(write)
+            except Exception as exc:
+                failure = exc
+                group.cancel_scope.cancel()  # stop reading the body
     if isinstance(failure, _Refused):
         raise failure.problem from None
     if isinstance(failure, ObjectTooLarge):
         raise ApiProblem(413, f"more than the declared {record.bytes} bytes", slug="upload-too-large") from None
+    if isinstance(failure, StorageError):
+        log.warning("dataset %s: the store refused the upload: %s", record.id, failure)
+        raise ApiProblem(503, f"the object store is unavailable: {failure}", slug="storage-unavailable",
+                         headers={"Retry-After": "2"}) from None
     if failure is not None:
         raise failure
     assert stored is not None

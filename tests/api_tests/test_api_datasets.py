@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from api.main import create_app
 from api.queue import create_celery
 from app_common.datasets import DatasetInfo
 from app_common.settings import Settings
-from app_common.storage import dataset_key
+from app_common.storage import LocalStorage, StorageError, StoredObject, dataset_key
 from app_common.tasks import CONTROL_QUEUE, VALIDATE_DATASET_TASK
 
 pytestmark = pytest.mark.anyio
@@ -244,6 +244,24 @@ async def test_queue_down_is_503_and_keeps_the_dataset_uploading(api: Api, setti
     app.state.celery = working
     r = await api.client.post(created["urls"]["complete"], headers=api.a)
     assert r.status_code == 202 and validations_queued(api) == [created["id"]]
+
+
+class UnreachableStorage(LocalStorage):
+    """A store that fails half way through a write (as an unreachable S3 would)."""
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> StoredObject:
+        next(iter(chunks))
+        raise StorageError("connection refused")
+
+
+async def test_store_failure_during_upload_is_503_and_keeps_the_dataset_uploading(api: Api) -> None:
+    app = api.client._transport.app  # type: ignore[attr-defined]
+    app.state.storage = UnreachableStorage(api.settings.storage_dir)
+    created = await announce(api)
+    r = await api.client.put(created["urls"]["content"], content=PAYLOAD, headers=api.a)
+    assert assert_problem(r, 503)["type"].endswith("storage-unavailable") and r.headers["retry-after"]
+    record = api.store.get_dataset(created["id"])
+    assert record is not None and record.status == "uploading" and validations_queued(api) == []
 
 
 # --- the S3 backend: a presigned POST straight to the store, then complete --------------------
