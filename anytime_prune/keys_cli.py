@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,10 @@ def _keys_store(args: argparse.Namespace) -> JobStore:
 def cmd_keys(args: argparse.Namespace) -> int:
     import redis
 
+    # The store logs key creation for the server's audit trail; here the secret is the output, and
+    # a log line beside it only gets copied along with it.
+    if not getattr(args, "verbose", False):
+        logging.getLogger("app_common").setLevel(logging.WARNING)
     try:
         store = _keys_store(args)
         if args.keys_command == "create":

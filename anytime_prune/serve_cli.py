@@ -48,7 +48,9 @@ DEMO_SPEC: dict[str, Any] = {
     "method": "app",
     "sparsity": {"target": 0.634},
     "stream": {"megabatches": 4},
-    "training": {"epochs": 3},
+    # Batches of 16 give the 323 images of the first megabatch 20 steps an epoch: it already
+    # reaches ~0.8 test accuracy (batches of 64 gave 5 steps and 0.12).
+    "training": {"epochs": 3, "batch_size": 16},
 }
 
 

@@ -278,6 +278,10 @@ def test_keys_cli_create_list_revoke(stack: ServiceStack) -> None:
     # REDIS_URL and APP_REDIS_PREFIX come from the environment, as on a deployed API container.
     created = stack.cli("keys", "create", "pipeline")
     assert created.returncode == 0, created.stderr
+    # Only the hint goes to stderr: no log line to be pasted along with the secret.
+    assert created.stderr.strip().splitlines() == [
+        "the secret is shown only once; send it as `Authorization: Bearer <secret>`"
+    ], created.stderr
     key_id = re.search(r"key id: (\S+)", created.stdout).group(1)  # type: ignore[union-attr]
     secret = re.search(r"secret: (\S+)", created.stdout).group(1)  # type: ignore[union-attr]
     with stack.client(secret) as client:
