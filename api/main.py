@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api import access_log
+from api.docs import install_docs
 from api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from api.metrics import ApiMetrics
 from api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
@@ -63,11 +64,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Train sparse networks with Anytime Progressive Pruning.",
         description="Submit a job spec, follow its events, read its metrics, download the pruned model. "
         "Errors are `application/problem+json`.",
-        docs_url="/docs",
+        docs_url=None,  # served from local assets by api.docs (the default page needs a CDN)
         redoc_url=None,
         openapi_url="/openapi.json",
         lifespan=lifespan,
     )
+    install_docs(app)
     app.state.settings = settings
     app.state.store = store
     app.state.storage = settings.open_storage()
