@@ -1,10 +1,12 @@
 """Workers on two "hosts" share nothing but Redis and the object store (S3 on SeaweedFS).
 
-The API and two workers run as processes; each worker has its own empty work folder, dataset
-cache and HOME, and the API sees neither. A job's worker is SIGKILLed (all of it: a machine lost)
-once megabatch 2's checkpoint is in the store; the other worker's reaper re-sends the job when
-the lease expires, and that worker finishes it from the store's checkpoint. Its per-megabatch
-metrics and its exported tensors equal an uninterrupted run's.
+The API, a control worker and two training workers run as processes; each training worker has
+its own empty work folder, dataset cache and HOME, and the API sees neither. An .npz is uploaded
+(straight to the store, through a presigned POST) and a job submitted on it; the job's worker is
+SIGKILLed (all of it: a machine lost) once megabatch 2's checkpoint is in the store; the other
+worker's reaper re-sends the job when the lease expires, and that worker fetches the dataset into
+its own cache and finishes the job from the store's checkpoint. Its per-megabatch metrics and its
+exported tensors equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +26,16 @@ from service_stack import TINY_SPEC, ServiceStack, service_stack
 
 from app_common.storage import Storage, job_work_prefix, open_storage
 
+sys.path.insert(0, str(Path(__file__).parent / "worker_tests"))
+from dataset_support import digits_npz  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 SPEC: dict[str, Any] = {
     **TINY_SPEC,
     "stream": {"megabatches": 4},
     # Long enough per megabatch that the kill lands while megabatch 3 trains.
-    "training": {**TINY_SPEC["training"], "epochs": 12},
+    "training": {**TINY_SPEC["training"], "epochs": 15},
 }
 HOSTS = ("host-a", "host-b")
 TIMEOUT_S = 240.0
@@ -52,8 +58,9 @@ def stack(redis_url: str, s3_server: S3Server, s3_bucket: str, tmp_path: Path) -
                 # A folder that is not the API's store folder (the S3 URL wins anyway).
                 "APP_STORAGE_DIR": str(home / "storage"),
             })
-        for host in HOSTS:
-            _wait_for_log(s, host, " ready.")
+        s.start_control_worker()
+        for name in (*HOSTS, "control"):
+            _wait_for_log(s, name, " ready.")
         yield s
 
 
@@ -100,7 +107,11 @@ def test_a_job_killed_on_one_host_finishes_on_the_other(
     storage = open_storage(f"s3://{s3_bucket}/svc", local_dir=tmp_path / "unused")
     _, secret = stack.new_key("many-hosts")
     with stack.client(secret) as client:
-        job_id = client.submit(SPEC)["id"]
+        dataset = client.upload_dataset(digits_npz(tmp_path / "digits.npz", n_train=1400, n_test=397), "npz",
+                                        timeout_s=TIMEOUT_S, poll_s=0.3)
+        assert dataset["status"] == "ready"
+        spec = {**SPEC, "dataset": {"id": dataset["id"]}}
+        job_id = client.submit(spec)["id"]
         deadline = time.monotonic() + TIMEOUT_S
         while _stored_megabatch(storage, job_id) < 2:
             stack.check_alive()
@@ -121,6 +132,9 @@ def test_a_job_killed_on_one_host_finishes_on_the_other(
         assert starts[0] == 0 and len(starts) == 2 and 2 <= starts[1] <= killed_at < 4
         running = [e["reason"] for e in events if e.get("status") == "running"]
         assert running == [None, "attempt 2: resuming after a lost worker"]
+        # Each host fetched the dataset into its own cache.
+        for host in HOSTS:
+            assert any((tmp_path / host / "cache").iterdir()), host
         # The dead host's folder stays where it died; the survivor dropped its own once done, and
         # the store keeps only the exported files.
         assert (tmp_path / victim / "artifacts" / job_id).exists()
@@ -129,7 +143,7 @@ def test_a_job_killed_on_one_host_finishes_on_the_other(
         # The API never had a worker's folder: its own holds nothing of the job.
         assert not (stack.artifacts_dir / job_id).exists() and not stack.storage_dir.exists()
 
-        reference_id = client.submit(SPEC)["id"]
+        reference_id = client.submit(spec)["id"]
         reference = client.wait(reference_id, timeout=TIMEOUT_S, poll_s=0.5)
         assert reference["status"] == "succeeded" and reference["attempt"] == 1
 
