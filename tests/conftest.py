@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from s3_server import S3Server, run_seaweedfs
 
 from app_common.redis_server import EmbeddedRedis
 from app_common.store import JobStore, make_redis
-from s3_server import S3Server, run_seaweedfs
 
 
 @pytest.fixture(scope="session")
