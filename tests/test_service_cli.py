@@ -88,3 +88,38 @@ def test_status_table_and_list_read_metrics_through_the_type() -> None:
     table = megabatch_table(result).splitlines()
     assert table[2].split()[:4] == ["1", "0.8000", "0.8000", "0.5000"]
     assert table[3].split()[3] == "0.7500" and table[-1].startswith("CER 6 errors")
+
+
+# --- the README's commands are real ------------------------------------------------------------
+
+
+def readme_commands() -> list[list[str]]:
+    """Every ``anytime-prune ...`` command in the README's bash blocks (also inside ``$(...)``
+    and after ``VAR=value`` prefixes), with shell variables replaced by a dataset/job-like id."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.split(" # ")[0].split("  #")[0]
+            for match in re.finditer(r"(?:^|\$\(|&& |\s)anytime-prune (.*?)(?:\)|$)", line):
+                argv = shlex.split(re.sub(r"\$\w+", "ab" * 16, match.group(1)))
+                commands.append(argv)
+    return commands
+
+
+def test_the_readmes_commands_parse() -> None:
+    commands = readme_commands()
+    verbs = {argv[0] for argv in commands}
+    assert {"datasets", "submit", "worker", "keys", "run"} <= verbs, verbs
+    assert any(argv[:2] == ["datasets", "upload"] for argv in commands)
+    assert any("--dataset-id" in argv for argv in commands)
+    for argv in commands:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as exc:
+            raise AssertionError(f"the README runs `anytime-prune {' '.join(argv)}`, which does not parse") from exc
