@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from service_stack import ROOT, TINY_SPEC, ServiceStack, service_stack
@@ -147,3 +148,26 @@ print("ok")
     env = dict(stack.env, ANYTIME_PRUNE_URL=stack.url, ANYTIME_PRUNE_API_KEY=secret)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_with_s3_the_upload_goes_straight_to_the_store(redis_url: str, s3_server: Any, s3_bucket: str,
+                                                       tmp_path: Path, digits_npz: Path) -> None:
+    """The S3 backend offers a presigned POST: the client sends the file to SeaweedFS itself (the
+    API never sees the bytes), then ``complete``; validation reads it from the store."""
+    extra = {**s3_server.env(), "APP_STORAGE_URL": f"s3://{s3_bucket}/service"}
+    with service_stack(redis_url, tmp_path / "s3-stack", worker=False, extra_env=extra) as s3_stack:
+        s3_stack.start_control_worker()  # validation only: no training here
+        secret = s3_stack.new_key("s3")[1]
+        offered = httpx.post(f"{s3_stack.url}/api/v1/datasets", headers={"Authorization": f"Bearer {secret}"},
+                             json={"format": "npz", "name": "probe", "sha256": "0" * 64, "bytes": 10}).json()
+        assert offered["upload"]["post"]["url"].startswith(s3_server.endpoint_url), offered
+        with s3_stack.client(secret) as client:
+            client.delete_dataset(offered["id"])
+            sent: list[tuple[int, int]] = []
+            record = client.upload_dataset(digits_npz, "npz", progress=lambda done, total: sent.append((done, total)),
+                                           timeout_s=120)
+            assert record["status"] == "ready", s3_stack.log_tail()
+            assert record["info"]["train_samples"] == 1400
+            assert sent[-1] == (digits_npz.stat().st_size, digits_npz.stat().st_size)
+            with pytest.raises(DatasetInvalid, match="x_train"):
+                client.upload_dataset(write_npz_without_x_train(tmp_path / "bad.npz"), "npz", timeout_s=120)
