@@ -90,8 +90,12 @@ def _client_command(fn: Callable[[argparse.Namespace, Client], int]) -> Callable
         except ApiError as exc:
             report_api_error(exc)
             return EXIT_SERVICE_ERROR
-        except KeyboardInterrupt:  # Ctrl-C while watching: the job itself keeps running
-            print("\ninterrupted (the job is not cancelled; `anytime-prune cancel` does that)", file=sys.stderr)
+        except KeyboardInterrupt:
+            if getattr(args, "datasets_command", None) == "upload":
+                print("\ninterrupted (an upload cut short is deleted; one fully sent is still validated: "
+                      "`anytime-prune datasets list`)", file=sys.stderr)
+            else:  # Ctrl-C while watching: the job itself keeps running
+                print("\ninterrupted (the job is not cancelled; `anytime-prune cancel` does that)", file=sys.stderr)
             return 130
 
     return run
@@ -215,7 +219,9 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
     print(f"job       {job['id']}")
     print(f"status    {job['status']}" + (f" ({job['error']})" if job.get("error") else ""))
     spec = job.get("spec") or {}
-    print(f"spec      {spec.get('dataset', {}).get('name')} / {spec.get('architecture')} / {spec.get('method')}, "
+    dataset = spec.get("dataset") or {}
+    what = f"{dataset.get('name')}" + (f" (uploaded dataset {dataset['id']})" if dataset.get("id") else "")
+    print(f"spec      {what} / {spec.get('architecture')} / {spec.get('method')}, "
           f"{spec.get('stream', {}).get('megabatches')} megabatches x {spec.get('training', {}).get('epochs')} epochs")
     print(f"progress  megabatch {p.get('megabatch')}/{p.get('megabatches')}, epoch {p.get('epoch')}/{p.get('epochs')} "
           f"({100 * float(p.get('fraction') or 0):.0f} %)")
