@@ -304,7 +304,7 @@ class Client:
         An upload that fails midway deletes its record, so no half-uploaded dataset is left."""
         file = Path(path)
         digest = file_digest(file)
-        body = {"format": format, "name": name or file.name, "sha256": digest.sha256, "bytes": digest.bytes}
+        body = {"format": format, "name": name or file.name[:200], "sha256": digest.sha256, "bytes": digest.bytes}
         record: dict[str, Any] = self._json("POST", f"{API_PREFIX}/datasets", json=body)
         try:
             record = self._send_content(record, file, digest.bytes, progress)
