@@ -65,10 +65,18 @@ def sparsity_from_tau(tau: float) -> float:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "3", true and 3.0 are not integers, nor "0.1" a number (the schema says so); specs
+    # are built from JSON or typed Python values (the CLI's flags parse to their types first).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DatasetSpec(_Strict):
+    # As in SparsitySpec: path and id are never both given (a null counts as absent).
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "required": ["path", "id"],
+        "properties": {"path": {"type": "string"}, "id": {"type": "string"}},
+    }})
+
     name: DatasetName = Field("digits", description="Registry name of the dataset.")
     path: str | None = Field(
         None,
@@ -106,8 +114,12 @@ class DatasetSpec(_Strict):
 
 
 class SparsitySpec(_Strict):
-    # The schema says what the validator below enforces: target and tau never come together.
-    model_config = ConfigDict(json_schema_extra={"not": {"required": ["target", "tau"]}})
+    # The schema says what the validator below enforces: target and tau are never both numbers
+    # (a null counts as absent, so a job's stored spec, which has both keys, is valid).
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "required": ["target", "tau"],
+        "properties": {"target": {"type": "number"}, "tau": {"type": "number"}},
+    }})
 
     target: float | None = Field(
         None,

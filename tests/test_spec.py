@@ -49,8 +49,22 @@ def test_errors_name_the_field(body, field):
 
 
 def test_the_schema_states_target_xor_tau():
+    import jsonschema_rs
+
     schema = JobSpec.model_json_schema()
-    assert schema["$defs"]["SparsitySpec"]["not"] == {"required": ["target", "tau"]}
+    assert schema["$defs"]["SparsitySpec"]["not"]["required"] == ["target", "tau"]
+    # A stored spec carries both keys, one null: valid; two numbers are not.
+    validator = jsonschema_rs.validator_for(schema)
+    assert validator.is_valid(JobSpec.from_dict({"sparsity": {"target": 0.5}}).to_dict())
+    assert not validator.is_valid({"sparsity": {"target": 0.5, "tau": 2.0}})
+
+
+@pytest.mark.parametrize("body", [{"training": {"epochs": "3"}}, {"training": {"epochs": True}},
+                                  {"training": {"seed": False}}, {"training": {"lr": "0.1"}}])
+def test_spec_types_are_strict(body):
+    with pytest.raises(SpecError) as exc:
+        JobSpec.from_dict(body)
+    assert exc.value.errors[0].field.startswith("training.")
 
 
 def test_fingerprint_is_stable_and_sensitive():
