@@ -1,6 +1,6 @@
 """Service sub-commands of ``anytime-prune``: run the service (``serve``, ``api``, ``worker``:
 :mod:`anytime_prune.serve_cli`), manage API keys (``keys``: :mod:`anytime_prune.keys_cli`), and
-talk to it (``submit``, ``status``, ``watch``, ``list``, ``cancel``, ``download``:
+talk to it (``submit``, ``status``, ``watch``, ``list``, ``cancel``, ``download`` and ``datasets``:
 :mod:`anytime_prune.client_cli`).
 
 Imports are per sub-command: the client verbs need httpx only (never torch, fastapi or celery),
