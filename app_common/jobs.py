@@ -75,6 +75,21 @@ class JobState(BaseModel, Generic[SpecT]):
     result: dict[str, Any] | None
     artifacts: list[ArtifactInfo]
     cancel_requested: bool
+    heartbeat_at: datetime | None = Field(
+        default=None, description="When the worker running the job last renewed its lease (every lease TTL / 3)."
+    )
+    events_lost: int = Field(
+        default=0,
+        ge=0,
+        description="Progress events the worker had to drop while Redis was unreachable for long (its buffer "
+        "was full); 0 when the event stream and the per-epoch history are complete.",
+    )
+    # Derived when read, never stored: see app_common.store.leases.LeaseOps.with_staleness.
+    stale: bool = Field(
+        default=False,
+        description="True while a running or cancelling job has no live lease: its worker is gone and no "
+        "other worker has resumed it yet (a flag, not a status).",
+    )
 
     @property
     def terminal(self) -> bool:
@@ -92,8 +107,11 @@ class JobRecord(JobState[dict[str, Any]]):
     owner: str
 
 
+# Fields computed when a record is read, not kept in the hash.
+DERIVED_FIELDS = frozenset({"stale"})
+
 # The hash fields, in the model's order (the store reads and writes exactly these).
-JOB_FIELDS: tuple[str, ...] = tuple(JobRecord.model_fields)
+JOB_FIELDS: tuple[str, ...] = tuple(name for name in JobRecord.model_fields if name not in DERIVED_FIELDS)
 
 # Events that move a job's progress.
 PROGRESS_EVENTS = (RunStarted, EpochEnded, MegabatchEnded)

@@ -6,14 +6,17 @@ import pytest
 from factories import epoch_ended, megabatch_ended
 
 from app_common.events import CheckpointWritten, Pruned, RunStarted, StatusChanged
-from app_common.jobs import JOB_FIELDS, JobRecord, Progress, progress_after
+from app_common.jobs import DERIVED_FIELDS, JOB_FIELDS, JobRecord, Progress, progress_after
 
 START = Progress(megabatch=0, megabatches=4, epoch=0, epochs=5, fraction=0.0)
 
 
-def test_job_fields_are_the_models() -> None:
-    assert JOB_FIELDS == tuple(JobRecord.model_fields)
-    assert {"id", "owner", "spec", "status", "progress", "artifacts", "cancel_requested"} <= set(JOB_FIELDS)
+def test_job_fields_are_the_models_but_the_derived_ones() -> None:
+    assert JOB_FIELDS == tuple(name for name in JobRecord.model_fields if name not in DERIVED_FIELDS)
+    assert {"id", "owner", "spec", "status", "progress", "artifacts", "cancel_requested", "heartbeat_at",
+            "events_lost"} <= set(JOB_FIELDS)
+    # Staleness depends on the lease, read with the record: never stored.
+    assert DERIVED_FIELDS == {"stale"} and "stale" in JobRecord.model_fields
 
 
 def test_initial_progress_from_the_spec() -> None:

@@ -270,6 +270,60 @@ def test_leases(store: JobStore) -> None:
     assert not store.lease_alive(job_id)
 
 
+def test_heartbeat_renews_or_retakes_a_free_lease_and_stamps_the_record(store: JobStore) -> None:
+    job = store.create_job("key_a", SPEC, queue="cpu")
+    assert store.get_job(job.id).heartbeat_at is None  # type: ignore[union-attr]
+    assert store.acquire_lease(job.id, "w1", 0.05)
+    time.sleep(0.1)  # expired (a Redis outage longer than the TTL): nobody else took it
+    assert store.heartbeat(job.id, "w1", 30)
+    assert store.redis.pttl(f"{store.prefix}:job:{job.id}:lease") > 25_000
+    stamped = store.get_job(job.id).heartbeat_at  # type: ignore[union-attr]
+    assert stamped is not None
+    assert not store.heartbeat(job.id, "w2", 30)  # held by w1: w2 lost it
+    assert store.get_job(job.id).heartbeat_at == stamped  # type: ignore[union-attr]
+    store.delete_job(job.id)
+    assert store.heartbeat(job.id, "w3", 30)  # deleted: nothing to hold, and nothing created again
+    assert not keys_of(store)
+
+
+def test_a_running_job_without_a_live_lease_is_stale(store: JobStore) -> None:
+    running = store.create_job("key_a", SPEC, queue="cpu")
+    queued = store.create_job("key_a", SPEC, queue="cpu")
+    done = store.create_job("key_a", SPEC, queue="cpu")
+    for job in (running, done):
+        assert store.transition(job.id, "running", allowed_from={"queued"})
+    assert store.transition(done.id, "succeeded", allowed_from={"running"})
+    assert store.acquire_lease(running.id, "w1", 30)
+
+    def stale() -> dict[str, bool]:
+        listed = {r.id: r.stale for r in store.list_jobs("key_a")[0]}
+        fetched = {r.id: r.stale for r in store.get_jobs([running.id, queued.id, done.id])}
+        one = {j.id: store.get_job(j.id).stale for j in (running, queued, done)}  # type: ignore[union-attr]
+        assert listed == fetched == one
+        return one
+
+    assert stale() == {running.id: False, queued.id: False, done.id: False}
+    store.release_lease(running.id, "w1")  # its worker is gone
+    assert stale() == {running.id: True, queued.id: False, done.id: False}
+    store.request_cancel(running.id)  # cancelling, and still nobody to finish it
+    assert store.get_job(running.id).stale  # type: ignore[union-attr]
+    assert store.acquire_lease(running.id, "w2", 30)  # resumed by another worker
+    assert stale() == {running.id: False, queued.id: False, done.id: False}
+    # Derived, never stored.
+    assert "stale" not in store.redis.hgetall(f"{store.prefix}:job:{running.id}")
+
+
+def test_lost_events_are_counted_on_the_record(store: JobStore) -> None:
+    job = store.create_job("key_a", SPEC, queue="cpu")
+    assert store.get_job(job.id).events_lost == 0  # type: ignore[union-attr]
+    store.record_lost_events(job.id, 3)
+    store.record_lost_events(job.id, 2)
+    assert store.get_job(job.id).events_lost == 5  # type: ignore[union-attr]
+    store.delete_job(job.id)
+    store.record_lost_events(job.id, 1)
+    assert store.get_job(job.id) is None and not keys_of(store)
+
+
 def test_attempts_and_result(store: JobStore) -> None:
     job_id = store.create_job("key_a", SPEC, queue="cpu").id
     assert [store.next_attempt(job_id) for _ in range(3)] == [1, 2, 3]

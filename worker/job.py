@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from app_common.events import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED
@@ -182,9 +183,10 @@ def _run_engine(
     from app_engine.errors import RunInputError
     from app_engine.runner import run
     from worker.dataset_cache import load_job_data
-    from worker.sink import RedisProgressSink
+    from worker.sink import DRAIN_TIMEOUT_S, RedisProgressSink
 
     sink = RedisProgressSink(store, job_id, interrupt=heartbeat.interrupt_reason)
+    heartbeat.on_beat = sink.flush  # events buffered in a Redis outage are written as soon as it ends
     # Before the sink: a checkpoint_written event in the stream means the checkpoint is stored.
     mirror = RunFolderMirror(storage, job_id, job_out_dir(settings, job_id), interrupt=heartbeat.interrupt_reason)
     try:
@@ -218,11 +220,16 @@ def _run_engine(
         log.exception("job %s: the run raised on attempt %d of %d; retrying", job_id, attempt, settings.max_attempts)
         raise
 
+    # Events buffered during a Redis outage first: the final status must not overtake them.
+    # (Stops at once, dropping them, when the job is no longer this worker's.)
+    drained = sink.drain(DRAIN_TIMEOUT_S)
     if heartbeat.lease_lost:
         log.warning("job %s: lost the lease; leaving the job to its new worker", job_id)
         return OUTCOME_LEASE_LOST
     if heartbeat.cancel_forced:
         return CANCELLED  # the heartbeat moved the job to cancelled itself
+    if not drained:
+        raise RedisConnectionError(f"job {job_id}: Redis unreachable for {DRAIN_TIMEOUT_S:g} s at the end of the run")
     if outcome.stopped:
         if sink.cancel_seen:
             return _finish(store, job_id, CANCELLED, "cancelled by request")

@@ -56,10 +56,15 @@ class LeaseHeartbeat(threading.Thread):
     otherwise why it must stop (:data:`LEASE_LOST`, or :data:`CANCEL_FORCED` once the job was
     marked cancelled here).
 
-    Renewal that fails because the lease expired without anyone else taking it (a long pause)
-    re-acquires it; renewal that fails because another token holds it means another worker owns
-    the job now: the run stops and this worker must not write to the job any more. Redis errors
-    are retried at the next beat (the lease outlives two missed beats).
+    Each beat renews the lease, or re-acquires it when it expired without anyone else taking it
+    (a long pause, a Redis outage longer than the TTL), and stamps the record's ``heartbeat_at``
+    (:meth:`JobStore.heartbeat`, atomic); a lease held by another token means another worker owns
+    the job now: the run stops and this worker must not write to the job any more. While Redis
+    cannot be reached the beat is retried every ``retry_s`` (not every interval), so the lease is
+    back within about ``retry_s`` of Redis answering: before the reaper, which waits one lease
+    TTL after a Redis outage, would re-send the job. ``on_beat`` (the progress sink's flush) runs
+    after each successful beat, so events buffered during an outage are written even while the
+    engine is between events.
 
     When the job has had its cancel flag set for ``cancel_grace_s`` (measured from the first beat
     that saw it), the heartbeat marks it cancelled itself and calls ``on_cancel_timeout``: the
@@ -78,6 +83,8 @@ class LeaseHeartbeat(threading.Thread):
         cancel_grace_s: float,
         on_cancel_timeout: Callable[[], None] | None = None,
         interval_s: float | None = None,
+        retry_s: float = 0.5,
+        on_beat: Callable[[], object] | None = None,
     ) -> None:
         super().__init__(name=f"lease-heartbeat-{job_id}", daemon=True)
         self.store = store
@@ -87,6 +94,9 @@ class LeaseHeartbeat(threading.Thread):
         self.interval_s = interval_s if interval_s is not None else ttl_s / 3
         self.cancel_grace_s = cancel_grace_s
         self.on_cancel_timeout = on_cancel_timeout
+        self.retry_s = min(retry_s, self.interval_s)
+        self.on_beat = on_beat
+        self._unreachable = False
         self._stop_event = threading.Event()
         self._reason: str | None = None
         self._cancel_seen_at: float | None = None
@@ -108,23 +118,32 @@ class LeaseHeartbeat(threading.Thread):
             self.join(timeout=self.interval_s + 5)
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
+        wait = 0.0  # the first beat at once: heartbeat_at is set as the run starts
+        while not self._stop_event.wait(wait):
             try:
-                if not self._renew():
+                if not self.store.heartbeat(self.job_id, self.token, self.ttl_s):
                     self._reason = LEASE_LOST
                     log.warning("job %s: %s; stopping this run", self.job_id, LEASE_LOST)
                     return
+                if self._unreachable:
+                    self._unreachable = False
+                    log.warning("job %s: Redis answers again; lease renewed", self.job_id)
+                wait = self.interval_s
                 if self._cancel_overdue():
                     self._force_cancel()
                     return
             except RedisError as exc:
-                log.warning("job %s: heartbeat could not reach Redis (%s); retrying", self.job_id, exc)
-
-    def _renew(self) -> bool:
-        if self.store.renew_lease(self.job_id, self.token, self.ttl_s):
-            return True
-        # Expired but free (nobody else took it): ours again. Held by another token: lost.
-        return self.store.acquire_lease(self.job_id, self.token, self.ttl_s)
+                if not self._unreachable:
+                    self._unreachable = True
+                    log.warning("job %s: heartbeat cannot reach Redis (%s); retrying every %g s",
+                                self.job_id, exc, self.retry_s)
+                wait = self.retry_s
+                continue
+            if self.on_beat is not None:
+                try:
+                    self.on_beat()
+                except Exception:  # the hook must never end the heartbeat (and with it the lease)
+                    log.exception("job %s: the heartbeat hook failed", self.job_id)
 
     def _cancel_overdue(self) -> bool:
         if not self.store.cancel_requested(self.job_id):

@@ -9,12 +9,18 @@ lease check in :func:`worker.job.execute_job` makes any duplicate delivery harml
 Every worker runs the reaper in a daemon thread of its main process (it needs only Redis, never
 torch); a short-lived claim key per job keeps several reapers from sending the same job
 together.
+
+After a Redis outage (the reaper could not reach it, or Redis itself restarted less than a lease
+TTL ago) every lease may have expired while its worker lived on: the reaper then re-sends
+nothing for one lease TTL, the time a live worker's heartbeat needs to renew (or re-take) its
+lease, so an outage never causes a second delivery of a job whose worker is alive.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery import Celery
 from redis.exceptions import RedisError
@@ -69,11 +75,32 @@ def reap_orphans(store: JobStore, celery_app: Celery, settings: Settings) -> lis
         celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
         log.warning("job %s: its worker stopped renewing the lease; re-enqueued on %s", job_id, queue)
         reaped.append(job_id)
-    return reaped
+    return reaped + _resend_lost_dispatches(store, celery_app, settings, window_s)
+
+
+def _resend_lost_dispatches(store: JobStore, celery_app: Celery, settings: Settings, window_s: float) -> list[str]:
+    """Jobs the dispatcher handed to a worker a reap window ago that never started (never counted
+    an attempt): that worker died with the message. Sent again on the job's training queue."""
+    resent: list[str] = []
+    for job_id in store.sent_jobs(older_than_s=window_s):
+        record = store.get_job(job_id)
+        if record is None or record.status != QUEUED or record.attempt:
+            store.forget_sent(job_id)  # started (the checks above cover it from now on), or over
+            continue
+        if store.lease_alive(job_id) or not store.claim_reap(job_id, window_s):
+            continue
+        queue = record.queue or settings.default_queue
+        celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+        store.forget_sent(job_id)
+        log.warning("job %s: handed to a worker that never started it; re-sent on %s", job_id, queue)
+        resent.append(job_id)
+    return resent
 
 
 class ReaperThread(threading.Thread):
-    """Calls :func:`reap_orphans` every ``interval_s`` until stopped; errors are logged, not fatal."""
+    """Calls :func:`reap_orphans` every ``interval_s`` until stopped; errors are logged, not fatal.
+
+    Holds off for one lease TTL after Redis comes back (see the module's docstring)."""
 
     def __init__(self, store: JobStore, celery_app: Celery, settings: Settings, interval_s: float) -> None:
         super().__init__(name="job-reaper", daemon=True)
@@ -82,15 +109,41 @@ class ReaperThread(threading.Thread):
         self.settings = settings
         self.interval_s = interval_s
         self._stop_event = threading.Event()
+        self._unreachable = False
+        self._hold_until = 0.0  # monotonic: no re-sending before this
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
-            try:
-                reap_orphans(self.store, self.celery_app, self.settings)
-            except (RedisError, OSError) as exc:
-                log.warning("reaper: Redis unreachable (%s); trying again in %.0f s", exc, self.interval_s)
-            except Exception:  # a reaper that dies silently would leave orphans forever
-                log.exception("reaper: unexpected error")
+            self.reap_once()
+
+    def reap_once(self) -> list[str]:
+        """One pass: :func:`reap_orphans`, unless Redis came back less than a lease TTL ago.
+        Errors are logged (an unreachable Redis once per outage), never raised."""
+        try:
+            return self._reap()
+        except (RedisError, OSError) as exc:
+            if not self._unreachable:
+                log.warning("reaper: Redis unreachable (%s); trying again every %.0f s", exc, self.interval_s)
+            self._unreachable = True
+        except Exception:  # a reaper that dies silently would leave orphans forever
+            log.exception("reaper: unexpected error")
+        return []
+
+    def _reap(self) -> list[str]:
+        ttl = float(self.settings.job_lease_ttl_s)
+        now = time.monotonic()
+        if self._unreachable:
+            self.store.ping()
+            self._unreachable = False
+            self._hold_until = now + ttl
+            log.warning("reaper: Redis answers again; re-sending nothing for %.0f s while workers renew leases", ttl)
+        # A restart this reaper did not notice (it fell between two passes) expired leases too.
+        uptime = self.store.redis_uptime_s()
+        if uptime is not None and uptime < ttl:
+            self._hold_until = max(self._hold_until, now + ttl - uptime)
+        if now < self._hold_until:
+            return []
+        return reap_orphans(self.store, self.celery_app, self.settings)
 
     def stop(self) -> None:
         self._stop_event.set()

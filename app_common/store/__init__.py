@@ -19,9 +19,11 @@ Nothing outside this package names a Redis key. Torch-free; the client must be c
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import redis
 
-from app_common.jobs import JOB_FIELDS
+from app_common.jobs import JOB_FIELDS, JobRecord
 from app_common.store._common import (
     InvalidCursor,
     JobNotFound,
@@ -74,6 +76,21 @@ class JobStore(RecordOps, EventOps, LeaseOps, IdempotencyOps, ApiKeyOps, Dataset
         self.names = KeyNames(prefix)
         self.events_maxlen = events_maxlen
         self._scripts = {}
+
+    # Records as read carry ``stale`` (LeaseOps.with_staleness): one more round trip, only when a
+    # job read is running or cancelling.
+    def get_job(self, job_id: str) -> JobRecord | None:
+        record = super().get_job(job_id)
+        return None if record is None else self.with_staleness([record])[0]
+
+    def get_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
+        return self.with_staleness(super().get_jobs(job_ids))
+
+    def list_jobs(
+        self, owner: str, *, status: str | None = None, cursor: str | None = None, limit: int = 20
+    ) -> tuple[list[JobRecord], str | None]:
+        records, next_cursor = super().list_jobs(owner, status=status, cursor=cursor, limit=limit)
+        return self.with_staleness(records), next_cursor
 
     def job_key(self, job_id: str) -> str:
         return self.names.job(job_id)

@@ -38,6 +38,12 @@ end
 return id
 """
 
+_IF_EXISTS_HINCRBY = """
+-- KEYS: job; ARGV: field, increment. Never creates a record for a deleted job.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+"""
+
 EVENT_CLASSES = tuple(EVENT_TYPES.values())
 
 # A stream entry: (entry id, event dict).
@@ -91,6 +97,12 @@ class EventOps(StoreBase):
             args=[self.events_maxlen, event.type, dumps(wire), mode, hfield, hvalue, *pairs],
         )
         return str(entry_id) if entry_id else None
+
+    def record_lost_events(self, job_id: str, count: int) -> None:
+        """Add ``count`` to the record's ``events_lost``: events a worker dropped from a full buffer
+        while Redis was unreachable, so the record says its event stream has a gap."""
+        if count > 0 and is_job_id(job_id):
+            self._script(_IF_EXISTS_HINCRBY)(keys=[self.names.job(job_id)], args=["events_lost", count])
 
     def read_events(
         self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int = 100

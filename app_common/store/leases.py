@@ -1,18 +1,46 @@
-"""Job leases (which worker runs a job) and the reaper's re-enqueue claims."""
+"""Job leases (which worker runs a job), their heartbeat, staleness, and the reaper's claims."""
 
 from __future__ import annotations
 
-from app_common.store._common import StoreBase
+from collections.abc import Sequence
+from typing import cast
+
+from redis.exceptions import ResponseError
+
+from app_common.events import CANCELLING, RUNNING
+from app_common.jobs import JobRecord
+from app_common.store._common import StoreBase, dumps, is_job_id, utc_now
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
+_HEARTBEAT = """
+-- KEYS: lease, job; ARGV: token, ttl ms, now (JSON)
+-- Renew the lease, or take it again if it expired and nobody else took it (a pause or a Redis
+-- outage longer than the TTL); then stamp the record's heartbeat_at. A deleted job: nothing to
+-- hold (the run notices the deletion at its next event).
+if redis.call('EXISTS', KEYS[2]) == 0 then return 1 end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+elseif not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  return 0
+end
+redis.call('HSET', KEYS[2], 'heartbeat_at', ARGV[3])
+return 1
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+# A job in these statuses must have a worker renewing its lease; without one it is stale.
+_LEASED_STATUSES = frozenset({RUNNING, CANCELLING})
 
 
 def _ms(seconds: float) -> int:
@@ -28,13 +56,50 @@ class LeaseOps(StoreBase):
         """Extend the lease if ``token`` still holds it; False means it was lost."""
         return bool(self._script(_RENEW)(keys=[self.names.lease(job_id)], args=[token, _ms(ttl_s)]))
 
+    def heartbeat(self, job_id: str, token: str, ttl_s: float) -> bool:
+        """One beat of the holder of ``token``: renew its lease, or re-take it when it expired and
+        is free; on success also set the record's ``heartbeat_at``. False: another token holds the
+        lease (another worker took the job over). A deleted job is left alone (True: the run
+        finds it deleted at its next event). Atomic."""
+        if not is_job_id(job_id):
+            return False
+        return bool(
+            self._script(_HEARTBEAT)(
+                keys=[self.names.lease(job_id), self.names.job(job_id)], args=[token, _ms(ttl_s), dumps(utc_now())]
+            )
+        )
+
     def release_lease(self, job_id: str, token: str) -> None:
         self._script(_RELEASE)(keys=[self.names.lease(job_id)], args=[token])
 
     def lease_alive(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.names.lease(job_id)))
 
+    def with_staleness(self, records: Sequence[JobRecord]) -> list[JobRecord]:
+        """``records`` with ``stale`` set: True for a running or cancelling job whose lease is gone
+        (its worker died, or lost Redis for longer than the TTL, and nobody has resumed it yet).
+        One round trip for all the running ones; none when there are none."""
+        leased = [r for r in records if r.status in _LEASED_STATUSES]
+        if not leased:
+            return list(records)
+        pipe = self.redis.pipeline(transaction=False)
+        for record in leased:
+            pipe.exists(self.names.lease(record.id))
+        alive = dict(zip((r.id for r in leased), cast(list[int], pipe.execute()), strict=True))
+        return [r.model_copy(update={"stale": not alive[r.id]}) if r.id in alive else r for r in records]
+
     def claim_reap(self, job_id: str, window_s: float) -> bool:
         """True for the first reaper to claim re-enqueueing ``job_id`` within ``window_s``; every
         other claim in the window (another reaper, or this one's next pass) gets False."""
         return bool(self.redis.set(self.names.reaped(job_id), "1", nx=True, px=_ms(window_s)))
+
+    def redis_uptime_s(self) -> float | None:
+        """Seconds since the Redis server started (INFO server); None where INFO is not allowed.
+        The reaper waits after a restart: leases that expired while Redis was down are not yet
+        renewed by their live workers."""
+        try:
+            info = cast(dict[str, object], self.redis.info("server"))
+        except ResponseError:  # a managed Redis may refuse INFO: then only the reaper's own view counts
+            return None
+        uptime = info.get("uptime_in_seconds")
+        return float(uptime) if isinstance(uptime, int | float | str) else None

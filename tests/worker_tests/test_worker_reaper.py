@@ -6,14 +6,16 @@ import base64
 import json
 from typing import Any
 
+import pytest
 import redis
 from worker_support import SPEC
 
+import worker.reaper as reaper_module
 from app_common.settings import Settings
 from app_common.store import JobStore
 from app_common.tasks import RUN_JOB_TASK
 from worker.celery_app import make_celery
-from worker.reaper import reap_orphans
+from worker.reaper import ReaperThread, reap_orphans
 
 
 def queued_tasks(client: redis.Redis, queue: str, job_ids: set[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -62,5 +64,46 @@ def test_reaper_requeues_running_jobs_with_expired_leases(store: JobStore, setti
         assert len(queued_tasks(store.redis, gpu_queue, ids)) == 2
         assert store.get_job(queued.id).status == "queued"  # type: ignore[union-attr]
         assert store.get_job(orphan.id).status == "running"  # type: ignore[union-attr]
+    finally:
+        app.close()
+
+
+def test_after_redis_comes_back_the_reaper_gives_workers_one_lease_ttl(
+    store: JobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis outage longer than the TTL expires every lease while the workers live on: the
+    reaper re-sends nothing until they had one TTL to renew, counted from its own reconnect or
+    from a Redis restart it did not notice."""
+    app = make_celery(settings)
+    orphan = store.create_job("key_a", SPEC, queue="gpu")
+    store.next_attempt(orphan.id)
+    assert store.transition(orphan.id, "running", allowed_from={"queued"})
+    reaper = ReaperThread(store, app, settings, interval_s=3600)  # passes run by hand
+    clock = [1000.0]
+    monkeypatch.setattr(reaper_module.time, "monotonic", lambda: clock[0])
+    uptime = [3600.0]
+    down = [True]
+
+    def redis_uptime_s() -> float:
+        if down[0]:
+            raise redis.exceptions.ConnectionError("down")
+        return uptime[0]
+
+    monkeypatch.setattr(store, "redis_uptime_s", redis_uptime_s)
+    try:
+        assert reaper.reap_once() == []  # Redis unreachable: logged, not raised
+        down[0] = False
+        assert reaper.reap_once() == []  # back: the lease has a TTL to be renewed
+        clock[0] += settings.job_lease_ttl_s - 0.5
+        assert reaper.reap_once() == []
+        clock[0] += 1.0
+        assert reaper.reap_once() == [orphan.id]  # nobody renewed it in a whole TTL: its worker is gone
+        # A restart between two passes (Redis up for less than a TTL) holds the reaper as well.
+        store.redis.delete(f"{store.prefix}:job:{orphan.id}:reaped")
+        uptime[0] = 0.5
+        assert reaper.reap_once() == []
+        clock[0] += settings.job_lease_ttl_s
+        uptime[0] += settings.job_lease_ttl_s
+        assert reaper.reap_once() == [orphan.id]
     finally:
         app.close()
