@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.schemas import Problem
 from app_common.spec import FieldError, field_errors
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 # Seconds a client should wait before retrying when Redis is unreachable.
 RETRY_AFTER_S = 2
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 class ProblemResponse(JSONResponse):
@@ -89,8 +91,21 @@ async def _on_api_problem(request: Request, exc: Exception) -> ProblemResponse:
 async def _on_validation(request: Request, exc: Exception) -> ProblemResponse:
     if not isinstance(exc, RequestValidationError):  # registered for this class only
         raise exc
-    problem = validation_problem(field_errors(exc.errors(), request=True))
+    errors = [_server_limit(e, request) for e in field_errors(exc.errors(), request=True)]
+    problem = validation_problem(errors)
     return problem_response(422, problem.detail, slug=problem.slug, errors=problem.errors)
+
+
+# Spec fields whose bound this server narrows (setting names): over the spec's own bound (epochs
+# 10,000, megabatches 1,000) the reason states the server's, the one that matters here.
+_SERVER_LIMITS = {"training.epochs": "max_epochs", "stream.megabatches": "max_megabatches"}
+
+
+def _server_limit(error: FieldError, request: Request) -> FieldError:
+    setting = _SERVER_LIMITS.get(error.field)
+    if setting is None or not error.reason.startswith("Input should be less than"):
+        return error
+    return FieldError(field=error.field, reason=f"at most {getattr(request.app.state.settings, setting)} on this server")
 
 
 async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
@@ -106,6 +121,8 @@ async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
         detail = f"no route {request.url.path}"
     elif exc.status_code == 405:
         detail = f"method {request.method} not allowed on {request.url.path}"
+        # Starlette's Allow names only the first route on the path (GET of /jobs/{id}, not DELETE).
+        headers["Allow"] = ", ".join(allowed_methods(request))
     # A chunked body over the limit is refused here (BodySizeLimitMiddleware raises while FastAPI
     # reads it): same problem type as the Content-Length refusal, so clients see one kind of 413.
     slug = "body-too-large" if exc.status_code == 413 else None
@@ -113,10 +130,11 @@ async def _on_http(request: Request, exc: Exception) -> ProblemResponse:
 
 
 async def _on_redis_down(request: Request, exc: Exception) -> ProblemResponse:
+    # The reason (host, port, errno) goes to the log only: clients learn what, not where.
     log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
     return problem_response(
         503,
-        f"the job store (Redis) is unavailable: {exc}",
+        "the job store is unavailable; retry later",
         slug="store-unavailable",
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
@@ -125,6 +143,16 @@ async def _on_redis_down(request: Request, exc: Exception) -> ProblemResponse:
 async def _on_unexpected(request: Request, exc: Exception) -> ProblemResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(500, "internal error", slug="internal-error")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers on this request's path."""
+    out = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes):
+            out.append(method)
+    return out
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -24,9 +24,11 @@ from api import access_log
 from api.docs import install_docs
 from api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from api.metrics import ApiMetrics
-from api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from api.middleware import BodySizeLimitMiddleware, HeadBodyMiddleware, JsonBodyMiddleware, RequestMetricsMiddleware
 from api.queue import create_celery
+from api.ratelimit import SubmitRateLimit
 from api.routes import artifacts, catalog, datasets, health, jobs
+from api.sse import StreamSlots, event_stream_openapi, stream_pool
 from app_common.settings import Settings
 from app_common.store import JobStore, make_redis
 
@@ -51,12 +53,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     client = make_redis(settings.redis_url, timeout_s=settings.redis_timeout_s)
     store = JobStore(client, prefix=settings.redis_prefix, events_maxlen=settings.events_maxlen)
     celery_app = create_celery(settings)
+    # Event streams borrow from one bounded pool (not a client each: 1,000 streams were 1,039 clients).
+    streams = stream_pool(settings.redis_url, max_connections=settings.sse_redis_connections,
+                          block_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         celery_app.close()
         client.close()
+        await streams.aclose()
 
     app = FastAPI(
         title="anytime-prune",
@@ -74,7 +80,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.storage = settings.open_storage()
     app.state.celery = celery_app
+    app.state.submit_limit = SubmitRateLimit.from_settings(settings, store.names.rate_limits)
     app.state.metrics = ApiMetrics()
+    app.state.stream_pool = streams
+    app.state.stream_slots = StreamSlots(settings.max_streams_per_key)
     if settings.signing_secret:
         app.state.signing_secret = settings.signing_secret
     else:
@@ -95,13 +104,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Dataset uploads stream past the JSON body limit; their route enforces the declared size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes,
                        exempt=[("PUT", re.compile(API_PREFIX + datasets.CONTENT_PATH))])
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    # Outermost: a 415 and a HEAD need no body read.
+    app.add_middleware(JsonBodyMiddleware, routes=_json_body_routes())
+    app.add_middleware(HeadBodyMiddleware)
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     return app
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
+def _json_body_routes() -> list[tuple[str, re.Pattern[str]]]:
+    """(method, path pattern) of the routes whose body is JSON: a body of another type is a 415.
+    (tests/api_tests check that every route with a JSON body is listed.)"""
+    return [("POST", re.compile(API_PREFIX + path)) for path in (jobs.router.prefix, datasets.router.prefix)]
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """FastAPI's document with every error response as application/problem+json (what the
-    handlers send) instead of FastAPI's default validation schema."""
+    handlers send) instead of FastAPI's default validation schema, the event stream's messages
+    documented, and this server's limits in the spec's schema (so data valid by the document is
+    data this server accepts)."""
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(
@@ -116,5 +136,21 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+    stream, stream_schemas = event_stream_openapi()
+    doc["paths"][API_PREFIX + "/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"] = {
+        "text/event-stream": stream
+    }
+    schemas.update(stream_schemas)
+    _server_limits(schemas, settings)
     app.openapi_schema = doc
     return doc
+
+
+def _server_limits(schemas: dict[str, Any], settings: Settings) -> None:
+    """The spec's bounds narrowed to this server's settings (the spec alone allows more)."""
+    epochs = schemas["TrainingSpec"]["properties"]["epochs"]
+    epochs["maximum"] = min(epochs["maximum"], settings.max_epochs)
+    megabatches = schemas["StreamSpec"]["properties"]["megabatches"]
+    megabatches["maximum"] = min(megabatches["maximum"], settings.max_megabatches)
+    device = schemas["TrainingSpec"]["properties"]["device"]
+    device["enum"] = [d for d in device["enum"] if settings.queue_for_device(d) is not None]

@@ -57,6 +57,62 @@ class BodySizeLimitMiddleware:
         return any(scope.get("method") == method and pattern.fullmatch(path) for method, pattern in self.exempt)
 
 
+class JsonBodyMiddleware:
+    """415 for a body that is not JSON sent to a route that reads JSON (FastAPI would try to
+    validate it as an object and answer 422, which blames the content instead of its type).
+
+    A request without Content-Type, or without a body, passes: FastAPI reads JSON by default.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Iterable[tuple[str, re.Pattern[str]]]):
+        self.app = app
+        self.routes = tuple(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._reads_json(scope):
+            headers = dict(scope.get("headers", []))
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+            if content_type and has_body and not is_json_media_type(content_type):
+                detail = f"the body must be application/json, not {content_type.split(';')[0].strip()[:100]}"
+                response = problem_response(415, detail, slug="unsupported-media-type",
+                                            headers={"Accept-Post": "application/json"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _reads_json(self, scope: Scope) -> bool:
+        path = scope.get("path", "")
+        return any(scope.get("method") == method and pattern.fullmatch(path) for method, pattern in self.routes)
+
+
+class HeadBodyMiddleware:
+    """HEAD answers carry the headers of GET and no body (RFC 9110 section 9.3.2); routes
+    registered for HEAD run the GET handler, and this drops what it writes."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app(scope, receive, headers_only)
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """application/json or a +json type (what FastAPI parses as JSON), parameters ignored."""
+    main = content_type.split(";", 1)[0].strip().lower()
+    kind, _, subtype = main.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
 def route_template(path: str, route_path: str | None) -> str:
     """The full template of a matched request, e.g. ``/api/v1/jobs/{job_id}/events``.
 

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     )
     idempotency_ttl_s: int = Field(86400, ge=1, description="How long an Idempotency-Key is remembered.")
     sse_heartbeat_s: float = Field(10.0, gt=0.0, description="Comment line sent on an idle event stream.")
+    max_streams_per_key: int = Field(
+        16, ge=1, description="Open event streams one API key may hold on one API process (more: 429)."
+    )
+    sse_redis_connections: int = Field(
+        64, ge=1, description="Redis connections the event streams of one API process share (a bounded pool)."
+    )
 
     @field_validator("queues", mode="before")
     @classmethod

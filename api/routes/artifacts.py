@@ -7,14 +7,17 @@ own presigned URLs (api/routes/jobs.py), and the files never pass through the AP
 from __future__ import annotations
 
 import mimetypes
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
+from starlette.datastructures import Headers
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
 from api.deps import SecretDep, StorageDep, StoreDep
-from api.errors import ApiProblem, problem_responses
+from api.errors import ApiProblem, problem_response, problem_responses
 from api.routes.jobs import artifact_infos
 from api.signing import verify
 from app_common.events import SUCCEEDED
@@ -27,6 +30,33 @@ _MEDIA_TYPES = {".safetensors": "application/octet-stream", ".onnx": "applicatio
                 ".npz": "application/octet-stream", ".svg": "image/svg+xml"}
 
 
+class _Download(FileResponse):
+    """A file with Range errors as problem documents: an unsatisfiable range is a 416 (with
+    ``Content-Range: bytes */size``); one that does not parse (``bytes=5-1``) is ignored, and the
+    whole file is sent (RFC 9110 section 14.2 lets a server ignore a Range header)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        http_range = Headers(scope=scope).get("range")
+        if http_range is not None and self.stat_result is not None:
+            size = self.stat_result.st_size
+            try:
+                self._parse_range_header(http_range, size)
+            except RangeNotSatisfiable:
+                response = problem_response(416, f"the range is outside the file ({size} bytes)",
+                                            slug="range-not-satisfiable", headers={"Content-Range": f"bytes */{size}"})
+                await response(scope, receive, send)
+                return
+            except MalformedRangeHeader:
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
+        await super().__call__(scope, receive, send)
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    """If-None-Match's weak comparison (RFC 9110 section 13.1.2): ``*`` or any listed tag."""
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
 def media_type_for(name: str) -> str:
     suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
     if suffix in _MEDIA_TYPES:
@@ -35,17 +65,22 @@ def media_type_for(name: str) -> str:
     return guessed or "application/octet-stream"
 
 
+_BINARY: dict[str, Any] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
 @router.get(
     "/{job_id}/{name}",
     operation_id="download_artifact",
     summary="Download one file of a job through a signed link",
     response_class=FileResponse,
     responses={
-        200: {"description": "The file; `ETag` is its sha256.",
-              "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-        **problem_responses(403, 404, 422),
+        200: {"description": "The file; `ETag` is its sha256.", "content": _BINARY},
+        206: {"description": "The requested byte ranges (`Range`).", "content": _BINARY},
+        304: {"description": "`If-None-Match` names the file's ETag: not modified."},
+        **problem_responses(403, 404, 416, 422),
     },
 )
+@router.head("/{job_id}/{name}", include_in_schema=False)  # the headers of GET (FileResponse sends no body)
 async def download_artifact(
     job_id: str,
     name: str,
@@ -54,7 +89,8 @@ async def download_artifact(
     secret: SecretDep,
     expires: Annotated[int, Query(ge=0, le=2**53, description="Unix time the link expires.")],
     sig: Annotated[str, Query(min_length=1, max_length=128, description="HMAC-SHA256 of job_id/name/expires.")],
-) -> FileResponse:
+    if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Response:
     if (why := verify(secret, job_id, name, expires, sig)) is not None:
         raise ApiProblem(403, f"download link refused: {why}", slug="bad-download-link")
     record = await run_in_threadpool(store.get_job, job_id)
@@ -69,9 +105,7 @@ async def download_artifact(
     path = storage.local_path(artifact_key(job_id, name))
     if path is None or not path.is_file():
         raise missing
-    return FileResponse(
-        path,
-        media_type=media_type_for(name),
-        filename=name,
-        headers={"ETag": f'"{info.sha256}"', "Cache-Control": "private, max-age=60"},
-    )
+    headers = {"ETag": f'"{info.sha256}"', "Cache-Control": "private, max-age=60"}
+    if if_none_match is not None and _etag_matches(if_none_match, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    return _Download(path, media_type=media_type_for(name), filename=name, headers=headers, stat_result=path.stat())

@@ -12,6 +12,7 @@ router = APIRouter(tags=["catalog"])
 
 
 @router.get("/catalog", operation_id="catalog", response_model=Catalog, summary="What a job spec may name")
+@router.head("/catalog", include_in_schema=False)  # GET without the body (see api.routes.health)
 def catalog(settings: SettingsDep) -> Catalog:
     devices = [d for d in S.DEVICES if settings.queue_for_device(d) is not None]
     return Catalog(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import redis
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -12,21 +14,29 @@ from api.errors import RETRY_AFTER_S, ApiProblem, problem_responses
 from api.metrics import ApiMetrics
 from api.schemas import Health
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(tags=["health"])
 
 
+# HEAD answers as GET without the body (api.middleware.HeadBodyMiddleware drops it); it stays out
+# of the published document, where each operation id must be unique.
 @router.get("/healthz", operation_id="healthz", response_model=Health, summary="Liveness")
+@router.head("/healthz", include_in_schema=False)
 def healthz() -> Health:
     return Health(status="ok")
 
 
 @router.get("/readyz", operation_id="readyz", response_model=Health, summary="Readiness: Redis answers",
             responses=problem_responses(503))
+@router.head("/readyz", include_in_schema=False)
 def readyz(store: StoreDep) -> Health:
     try:
         store.ping()
     except redis.exceptions.RedisError as exc:
-        raise ApiProblem(503, f"redis unreachable: {exc}", slug="not-ready",
+        # Unauthenticated: the reason (host, port) goes to the log, not to the caller.
+        log.warning("not ready: redis unreachable: %s", exc)
+        raise ApiProblem(503, "the job store is unreachable", slug="not-ready",
                          headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
     return Health(status="ready")
 
@@ -40,6 +50,7 @@ def readyz(store: StoreDep) -> Health:
         200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}
     },
 )
+@router.head("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
     metrics: ApiMetrics = request.app.state.metrics
     await run_in_threadpool(metrics.refresh, store, settings)

@@ -31,7 +31,7 @@ from api.schemas import (
     JobUrls,
 )
 from api.signing import signed_query
-from api.sse import event_source
+from api.sse import StreamSlots, event_source
 from app_common.datasets import READY
 from app_common.events import SUCCEEDED
 from app_common.jobs import JobRecord
@@ -329,13 +329,14 @@ def delete_job(
     summary="Follow a job's events (Server-Sent Events)",
     response_class=EventSourceResponse,
     responses={
-        200: {"description": "`text/event-stream`: `id:` stream id, `event:` type, `data:` JSON.",
-              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-        **problem_responses(401, 404, 422, 503),
+        # The content (each message's shape) is filled in by api.main's OpenAPI hook.
+        200: {"description": "`text/event-stream`: `id:` stream id, `event:` type, `data:` the event as JSON."},
+        **problem_responses(401, 404, 422, 429, 503),
     },
     description="Sends every stored event (or those after `Last-Event-ID` / `last_event_id`), then "
     "new ones as they happen; a comment line keeps the connection alive while idle. The stream ends "
-    "after the job is finished and all its events were sent.",
+    "after the job is finished and all its events were sent. One API key may hold "
+    "`APP_MAX_STREAMS_PER_KEY` open streams (429 with `Retry-After` beyond).",
 )
 async def job_events(
     job_id: str,
@@ -351,10 +352,15 @@ async def job_events(
         field = "Last-Event-ID" if last_event_id_header else "last_event_id"
         raise validation_problem([FieldError(field=field, reason="not a stream id (out of range)")])
     await run_in_threadpool(owned_job, store, job_id, owner)
+    slots: StreamSlots = request.app.state.stream_slots
+    if not slots.acquire(owner):
+        raise ApiProblem(429, f"at most {slots.per_key} open event streams per API key", slug="too-many-streams",
+                         headers={"Retry-After": str(max(1, round(settings.sse_heartbeat_s)))})
     feed = store.event_feed(
-        settings.redis_url or "", job_id, block_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s
+        settings.redis_url or "", job_id, block_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s,
+        pool=request.app.state.stream_pool,
     )
-    return event_source(feed, after, heartbeat_s=settings.sse_heartbeat_s)
+    return event_source(feed, after, heartbeat_s=settings.sse_heartbeat_s, on_close=lambda: slots.release(owner))
 
 
 @router.get(

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import redis
+import redis.asyncio as aioredis
 
 from app_common.jobs import JOB_FIELDS, JobRecord
 from app_common.store._common import (
@@ -98,9 +99,13 @@ class JobStore(RecordOps, EventOps, LeaseOps, IdempotencyOps, ApiKeyOps, Dataset
     def events_key(self, job_id: str) -> str:
         return self.names.events(job_id)
 
-    def event_feed(self, redis_url: str, job_id: str, *, block_s: float, timeout_s: float) -> EventFeed:
-        """An async reader of ``job_id``'s events on a connection of its own (see :class:`EventFeed`)."""
-        return EventFeed(redis_url, self.names, job_id, block_s=block_s, timeout_s=timeout_s)
+    def event_feed(
+        self, redis_url: str, job_id: str, *, block_s: float, timeout_s: float,
+        pool: aioredis.ConnectionPool | None = None,
+    ) -> EventFeed:
+        """An async reader of ``job_id``'s events on a connection of its own, or borrowed from
+        ``pool`` (a ``redis.asyncio`` connection pool; see :class:`EventFeed`)."""
+        return EventFeed(redis_url, self.names, job_id, block_s=block_s, timeout_s=timeout_s, pool=pool)
 
     def celery_queue_length(self, queue: str, key_prefix: str = "") -> int:
         """Messages waiting in a Celery queue: its Redis transport keeps a queue as a list named

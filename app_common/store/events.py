@@ -135,8 +135,19 @@ class EventFeed:
     Owns its client: call :meth:`aclose` when done (also when the reader is cancelled).
     """
 
-    def __init__(self, redis_url: str, names: KeyNames, job_id: str, *, block_s: float, timeout_s: float) -> None:
-        self._client = aioredis.Redis.from_url(
+    def __init__(
+        self,
+        redis_url: str,
+        names: KeyNames,
+        job_id: str,
+        *,
+        block_s: float,
+        timeout_s: float,
+        pool: aioredis.ConnectionPool | None = None,
+    ) -> None:
+        # With ``pool`` (the API's, shared by every stream) a read borrows a connection and aclose
+        # only gives it back; the pool's connections need the socket timeouts below.
+        self._client = aioredis.Redis(connection_pool=pool) if pool is not None else aioredis.Redis.from_url(
             redis_url,
             socket_connect_timeout=timeout_s,
             # A blocking read legitimately takes block_s; only longer than that is a dead server.

@@ -115,7 +115,7 @@ async def test_redis_dropping_ends_the_stream_with_an_error_event() -> None:
     messages = await collect(feed)
     assert messages[0].retry == 3000
     assert [(m.id, m.event) for m in messages[1:]] == [("1-0", "pruned"), (None, "error")]
-    assert "the job store became unavailable: gone" in messages[-1].data
+    assert "the job store became unavailable" in messages[-1].data and "gone" not in messages[-1].data
     assert feed.closed
 
 
