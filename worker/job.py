@@ -24,6 +24,7 @@ terminal status); the job record in Redis is the source of truth, not Celery's t
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -207,14 +208,14 @@ def _run_engine(
         if heartbeat.lease_lost:
             return OUTCOME_LEASE_LOST
         log.info("job %s: failed: %s", job_id, exc)
-        return _finish(store, job_id, FAILED, str(exc))
+        return _finish(store, job_id, FAILED, public_reason(str(exc), settings))
     except Exception as exc:
         if heartbeat.lease_lost:
             return OUTCOME_LEASE_LOST
         if attempt >= settings.max_attempts:
             log.exception("job %s: the run raised on attempt %d of %d; giving up", job_id, attempt,
                           settings.max_attempts)
-            return _finish(store, job_id, FAILED, f"{type(exc).__name__}: {exc}")
+            return _finish(store, job_id, FAILED, public_reason(f"{type(exc).__name__}: {exc}", settings))
         # Perhaps transient (a full disk, a CUDA error, the object store unreachable): try again
         # from the last checkpoint in the store with the next delivery.
         log.exception("job %s: the run raised on attempt %d of %d; retrying", job_id, attempt, settings.max_attempts)
@@ -247,6 +248,22 @@ def _run_engine(
     # A cancel that arrived after the last epoch finds the work done: it still succeeds.
     late_cancel = "finished before the cancel took effect" if cancel_flag else None
     return _finish(store, job_id, SUCCEEDED, late_cancel)
+
+
+# An absolute path in a message: "/" then at least two segments, not inside a URL or a word.
+_ABS_PATH = re.compile(r"(?<![\w.:/~>-])/[^\s'\"`:,;()\[\]{}<>]+/[^\s'\"`:,;()\[\]{}<>]*")
+
+
+def public_reason(message: str, settings: Settings) -> str:
+    """``message`` as the job's owner may read it: the server's folders named by their role
+    (``dataset.path`` names files under the data folder, so those read as the user wrote them) and
+    any other absolute path cut to its file name. The full message stays in the worker's log."""
+    roots = [(settings.data_dir, ""), (settings.artifacts_dir, "<work>/"), (settings.cache_dir, "<cache>/"),
+             (settings.storage_dir, "<store>/")]
+    for root, label in roots:
+        for form in {str(root.resolve()), str(root.absolute())}:
+            message = message.replace(form.rstrip("/") + "/", label)
+    return _ABS_PATH.sub(lambda m: "<server>/" + m[0].rstrip("/").rsplit("/", 1)[-1], message)
 
 
 def _finish(store: JobStore, job_id: str, status: str, reason: str | None) -> str:
