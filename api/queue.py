@@ -1,5 +1,7 @@
-"""Queueing jobs and dataset validations: a Celery app used only as a producer. The API sends the task by *name*, so it
-never imports the worker (or torch)."""
+"""Queueing dataset validations: a Celery app used only as a producer. The API sends the task by *name*, so it
+never imports the worker (or torch). Training jobs are not sent from here: the API puts them on
+their key's queue in the store, and an idle training worker takes the next one
+(:mod:`app_common.store.queues`, :mod:`worker.dispatcher`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import logging
 from celery import Celery
 
 from app_common.settings import Settings
-from app_common.tasks import CONTROL_QUEUE, RUN_JOB_TASK, VALIDATE_DATASET_TASK
+from app_common.tasks import CONTROL_QUEUE, VALIDATE_DATASET_TASK
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,8 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(celery_app: Celery, job_id: str, queue: str) -> None:
-    """Put ``run_job(job_id)`` on ``queue``; raises (kombu OperationalError, redis errors) when the
-    broker cannot take it."""
-    celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
-    log.info("job %s queued on %s", job_id, queue)
-
-
 def enqueue_validation(celery_app: Celery, dataset_id: str) -> None:
     """Put ``validate_dataset(dataset_id)`` on the control queue (never behind training jobs);
-    raises like :func:`enqueue`."""
+    raises (kombu OperationalError, redis errors) when the broker cannot take it."""
     celery_app.send_task(VALIDATE_DATASET_TASK, args=[dataset_id], queue=CONTROL_QUEUE)
     log.info("dataset %s queued for validation on %s", dataset_id, CONTROL_QUEUE)

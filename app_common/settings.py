@@ -95,6 +95,15 @@ class Settings(BaseSettings):
     )
     idempotency_ttl_s: int = Field(86400, ge=1, description="How long an Idempotency-Key is remembered.")
     sse_heartbeat_s: float = Field(10.0, gt=0.0, description="Comment line sent on an idle event stream.")
+    submit_rate_limit: str | None = Field(
+        "30/minute",
+        pattern=r"^\s*$|^[0-9]+\s*(/|per)\s*([0-9]+\s*)?(second|minute|hour|day)s?$",
+        description="Job submissions one API key may make in a moving window ('30/minute', '100 per hour'); "
+        "over it: 429 with Retry-After. Empty: no limit.",
+    )
+    dispatch_interval_s: float = Field(
+        0.5, gt=0.0, le=60.0, description="How often an idle training worker looks for the next queued job."
+    )
     max_streams_per_key: int = Field(
         16, ge=1, description="Open event streams one API key may hold on one API process (more: 429)."
     )

@@ -15,6 +15,10 @@ Settings for hour-long, resumable jobs (DESIGN.md, "Job lifecycle"):
   by a worker that died unnoticed, and the reaper covers that case.
 - a reaper thread in the worker's main process re-enqueues jobs whose whole worker died
   (:mod:`worker.reaper`).
+- fair dispatch: a training worker's main process pops the next job from the store's per-key
+  queues whenever it has a free slot and sends it to its own direct queue (``worker_direct``);
+  a message whose job is already finished is dropped there, before a child is forked
+  (:mod:`worker.dispatcher`).
 
 Importing this module must not import torch: the parent process never touches the engine.
 """
@@ -25,7 +29,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import task_received, worker_init, worker_ready, worker_shutdown
 from kombu.entity import Exchange, Queue
 
 from app_common.settings import Settings
@@ -69,6 +73,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             for name in QUEUES
         ],
         "task_default_queue": settings.default_queue,
+        # Each worker also consumes "{hostname}.dq2": the dispatcher sends its picks there.
+        "worker_direct": True,
         "task_routes": {VALIDATE_DATASET_TASK: {"queue": CONTROL_QUEUE}},
         # Job state lives in our records; Celery's task events would only add traffic.
         "worker_send_task_events": False,
@@ -105,15 +111,36 @@ def _connect_worker_signals(app: Celery, settings: Settings) -> None:
         from worker.reaper import start_reaper
 
         state["reaper"] = start_reaper(app, settings)
+        from worker.dispatcher import start_dispatcher
+
+        state["dispatcher"] = start_dispatcher(app, settings, sender)
+
+    def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+        # In the main process, before the pool sees the request (and forks a child for it).
+        if getattr(sender, "app", None) is not app or request is None:
+            return
+        dispatcher = state.get("dispatcher")
+        if dispatcher is not None:
+            dispatcher.received(request.id)
+        store = state.get("store")
+        if store is None:
+            from worker.tasks import connect_store
+
+            store = state["store"] = connect_store(settings)
+        from worker.dispatcher import drop_if_finished
+
+        drop_if_finished(store, request)
 
     def on_shutdown(sender: Any = None, **_: Any) -> None:
-        reaper = state.pop("reaper", None)
-        if reaper is not None:
-            reaper.stop()
+        for name in ("dispatcher", "reaper"):
+            thread = state.pop(name, None)
+            if thread is not None:
+                thread.stop()
 
     # weak=False: the handlers are closures that nothing else references.
     worker_init.connect(on_init, weak=False)
     worker_ready.connect(on_ready, weak=False)
+    task_received.connect(on_received, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
 
 

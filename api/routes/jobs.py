@@ -10,15 +10,14 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import redis
-from celery import Celery
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from api.deps import CeleryDep, OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep
+from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep
 from api.errors import ApiProblem, problem_responses, validation_problem
-from api.queue import enqueue
+from api.ratelimit import SubmitRateLimit
 from api.schemas import (
     ArtifactInfo,
     ArtifactPublic,
@@ -167,7 +166,10 @@ def _job_created(body: dict[str, Any], *, replayed: bool = False) -> JSONRespons
     responses=problem_responses(401, 409, 413, 422, 429, 503),
     description=(
         "Validates the spec against the schema and this server's limits, stores the job (status "
-        "`queued`) and queues it. Answers 202 with `Location`. With an `Idempotency-Key`, a retry "
+        "`queued`) and queues it behind the key's own queued jobs (keys take turns: another key's "
+        "backlog never delays this one). Answers 202 with `Location`. Each API key may submit "
+        "`APP_SUBMIT_RATE_LIMIT` jobs (default 30 a minute; 429 with `Retry-After` beyond) and hold "
+        "`APP_MAX_CONCURRENT_JOBS_PER_KEY` queued or running jobs (429). With an `Idempotency-Key`, a retry "
         "with the same key and body replays the first answer (202, same job, header "
         "`Idempotent-Replayed: true`); the same key with a different body is a 422 naming "
         "`Idempotency-Key`; a retry while the first request is still being handled is a 409. "
@@ -180,10 +182,12 @@ def create_job(
     owner: OwnerDep,
     settings: SettingsDep,
     store: StoreDep,
-    celery_app: CeleryDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     queue = check_server_limits(spec, settings)
+    submit_limit: SubmitRateLimit | None = request.app.state.submit_limit
+    if submit_limit is not None:
+        submit_limit.check(owner)
     # The validated spec with defaults filled, so two bodies that mean the same job match.
     fingerprint = spec.fingerprint(length=64)
     if idempotency_key is not None:
@@ -198,8 +202,7 @@ def create_job(
                                  slug="idempotency-in-progress", headers={"Retry-After": "1"})
             return _job_created(previous["response"]["body"], replayed=True)
     try:
-        record = _create_and_enqueue(with_uploaded_dataset(spec, owner, store), owner, queue, settings, store,
-                                     celery_app)
+        record = _create_and_enqueue(with_uploaded_dataset(spec, owner, store), owner, queue, settings, store)
     except BaseException:
         if idempotency_key is not None:
             try:
@@ -215,9 +218,7 @@ def create_job(
     return _job_created(body)
 
 
-def _create_and_enqueue(
-    spec: JobSpec, owner: str, queue: str, settings: Settings, store: JobStore, celery_app: Celery
-) -> JobRecord:
+def _create_and_enqueue(spec: JobSpec, owner: str, queue: str, settings: Settings, store: JobStore) -> JobRecord:
     try:
         record = store.create_job(owner, spec.to_dict(), queue=queue, max_active=settings.max_concurrent_jobs_per_key)
     except TooManyActiveJobs:
@@ -228,14 +229,17 @@ def _create_and_enqueue(
             headers={"Retry-After": "30"},
         ) from None
     try:
-        enqueue(celery_app, record.id, queue)
-    except Exception as exc:  # kombu OperationalError, redis and socket errors: the broker is down
+        # The owner's queue in the store; an idle training worker pops it (fair dispatch).
+        store.enqueue_job(queue, owner, record.id)
+        log.info("job %s queued on %s", record.id, queue)
+    except redis.exceptions.RedisError as exc:  # Redis went away between the two writes
         log.warning("job %s could not be queued: %s", record.id, exc)
         try:
-            store.transition(record.id, "failed", reason=f"could not be queued: {exc}", allowed_from={"queued"})
+            store.transition(record.id, "failed", reason="could not be queued: the job store was unreachable",
+                             allowed_from={"queued"})
         except redis.exceptions.RedisError:
             log.warning("job %s could not be marked failed", record.id)
-        raise ApiProblem(503, f"the job queue is unavailable: {exc}", slug="queue-unavailable",
+        raise ApiProblem(503, "the job queue is unavailable; try again", slug="queue-unavailable",
                          headers={"Retry-After": "2"}) from exc
     return record
 
@@ -285,7 +289,9 @@ def get_job(job_id: str, request: Request, owner: OwnerDep, store: StoreDep) -> 
     description="A queued job is cancelled at once (200); a running one becomes `cancelling` (202). "
     "A finished job cannot be cancelled (409).",
 )
-def cancel_job(job_id: str, request: Request, owner: OwnerDep, store: StoreDep, response: Response) -> JobPublic:
+def cancel_job(
+    job_id: str, request: Request, owner: OwnerDep, store: StoreDep, settings: SettingsDep, response: Response
+) -> JobPublic:
     record = owned_job(store, job_id, owner)
     if record.terminal:
         raise ApiProblem(409, f"job {job_id} is already {record.status}", slug="job-finished")
@@ -294,6 +300,9 @@ def cancel_job(job_id: str, request: Request, owner: OwnerDep, store: StoreDep, 
         raise ApiProblem(404, f"no job {job_id}", slug="job-not-found")
     if after.terminal and after.status != "cancelled":
         raise ApiProblem(409, f"job {job_id} is already {after.status}", slug="job-finished")
+    if record.status == "queued" and after.status == "cancelled":
+        # Off its queue: a cancelled job never reaches a worker.
+        store.unqueue_job(after.queue or settings.default_queue, owner, job_id)
     response.status_code = 200 if after.status == "cancelled" else 202
     return to_public(after, request)
 
@@ -312,6 +321,7 @@ def delete_job(
     if not record.terminal:
         raise ApiProblem(409, f"job {job_id} is {record.status}: cancel it first", slug="job-not-finished")
     store.delete_job(job_id)
+    store.unqueue_job(record.queue or settings.default_queue, owner, job_id)
     try:
         storage.delete_prefix(job_prefix(job_id))
     except StorageError as exc:  # the record is gone; the files only cost space

@@ -8,6 +8,7 @@ events. One module per concern, each with the Lua scripts it runs:
 - :mod:`~app_common.store.records`: job records and their status transitions;
 - :mod:`~app_common.store.events`: the event stream, metric histories and the async feed (SSE);
 - :mod:`~app_common.store.leases`: worker leases and reaper claims;
+- :mod:`~app_common.store.queues`: the per-key queues of fair dispatch;
 - :mod:`~app_common.store.idempotency`: the API's Idempotency-Key records;
 - :mod:`~app_common.store.api_keys`: API keys;
 - :mod:`~app_common.store.datasets`: uploaded datasets' records and their status moves;
@@ -42,6 +43,7 @@ from app_common.store.datasets import DatasetInUse, DatasetOps
 from app_common.store.events import Entry, EventFeed, EventOps
 from app_common.store.idempotency import IdempotencyOps
 from app_common.store.leases import LeaseOps
+from app_common.store.queues import QueueOps
 from app_common.store.records import RecordOps
 
 __all__ = [
@@ -64,7 +66,7 @@ __all__ = [
 ]
 
 
-class JobStore(RecordOps, EventOps, LeaseOps, IdempotencyOps, ApiKeyOps, DatasetOps):
+class JobStore(RecordOps, EventOps, LeaseOps, QueueOps, IdempotencyOps, ApiKeyOps, DatasetOps):
     """Redis-backed jobs, events, leases, API keys and datasets. One instance per process; thread-safe (the
     redis client pools connections)."""
 

@@ -15,6 +15,12 @@ Key layout under the prefix ``p`` (see docs/SERVICE_CONTRACTS.md)::
     {p}:keys                     hash   sha256(secret) -> API key record JSON
     {p}:dataset:{id}             hash   each field JSON-encoded (see app_common.datasets.DatasetRecord)
     {p}:owner:{owner}:datasets   zset   dataset ids, score = created time in ms
+    {p}:dispatch:{queue}:owner:{owner}  list  the owner's queued job ids, oldest first (fair dispatch)
+    {p}:dispatch:{queue}:ready   zset   owners with queued work, score = turn of their last dispatch
+    {p}:dispatch:{queue}:served  hash   owner -> turn of their last dispatch
+    {p}:dispatch:{queue}:turn    string dispatch counter of the queue
+    {p}:dispatch:sent            zset   job ids handed to a worker, score = ms (until the job starts)
+    {p}:ratelimit:...            the `limits` library's counters (API submission rate limit)
 """
 
 from __future__ import annotations
@@ -151,6 +157,27 @@ class KeyNames:
 
     def owner_datasets(self, owner: str) -> str:
         return f"{self.prefix}:owner:{owner}:datasets"
+
+    def dispatch_owner(self, queue: str, owner: str) -> str:
+        return f"{self.prefix}:dispatch:{queue}:owner:{owner}"
+
+    def dispatch_ready(self, queue: str) -> str:
+        return f"{self.prefix}:dispatch:{queue}:ready"
+
+    def dispatch_served(self, queue: str) -> str:
+        return f"{self.prefix}:dispatch:{queue}:served"
+
+    def dispatch_turn(self, queue: str) -> str:
+        return f"{self.prefix}:dispatch:{queue}:turn"
+
+    @property
+    def dispatch_sent(self) -> str:
+        return f"{self.prefix}:dispatch:sent"
+
+    @property
+    def rate_limits(self) -> str:
+        """The key prefix under which the ``limits`` library keeps its counters."""
+        return f"{self.prefix}:ratelimit"
 
 
 T = TypeVar("T")

@@ -5,7 +5,6 @@ Queueing is checked where the worker would look: the Celery message in the queue
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -19,7 +18,6 @@ from api.main import create_app
 from app_common.events import EpochEnded
 from app_common.settings import Settings
 from app_common.store import JobStore
-from app_common.tasks import RUN_JOB_TASK
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,18 +41,14 @@ class Api:
         self.b = {"Authorization": f"Bearer {secret_b}"}
 
     def queue_length(self, queue: str = "cpu") -> int:
-        return self.store.celery_queue_length(queue, self.settings.celery_key_prefix)
+        """Jobs waiting on ``queue`` in the store's per-key queues (the API sends nothing to Celery)."""
+        assert self.store.celery_queue_length(queue, self.settings.celery_key_prefix) == 0
+        return self.store.queued_count(queue)
 
     def queued_job_ids(self, queue: str = "cpu") -> list[str]:
-        out = []
-        for raw in self.store.redis.lrange(f"{self.settings.celery_key_prefix}{queue}", 0, -1):
-            message = json.loads(raw)
-            assert message["headers"]["task"] == RUN_JOB_TASK
-            assert message["content-type"] == "application/json"
-            args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-            assert kwargs == {}
-            out += args
-        return out
+        """Both keys' queued job ids on ``queue`` (a's first, then b's), oldest first."""
+        assert self.store.celery_queue_length(queue, self.settings.celery_key_prefix) == 0
+        return [job_id for owner in (self.owner_a, self.owner_b) for job_id in self.store.queued_job_ids(queue, owner)]
 
     async def submit(self, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> dict:
         r = await self.client.post("/api/v1/jobs", json=SMALL if body is None else body, headers=headers or self.a)
