@@ -34,7 +34,8 @@ class ApiMetrics:
         )
         self.jobs = Gauge("jobs", "Jobs in the store by status.", ["status"], registry=self.registry)
         self.queue_depth = Gauge(
-            "queue_depth", "Messages waiting in a Celery queue.", ["queue"], registry=self.registry
+            "queue_depth", "Jobs waiting for a worker: the per-key queues plus re-sent messages in the Celery queue.",
+            ["queue"], registry=self.registry
         )
         self.job_duration = Histogram(
             "job_duration_seconds", "finished_at - started_at of finished jobs.", ["status"],
@@ -51,7 +52,8 @@ class ApiMetrics:
             for status, count in store.count_by_status().items():
                 self.jobs.labels(status).set(count)
             for queue in settings.queues:
-                self.queue_depth.labels(queue).set(store.celery_queue_length(queue, settings.celery_key_prefix))
+                waiting = store.queued_count(queue) + store.celery_queue_length(queue, settings.celery_key_prefix)
+                self.queue_depth.labels(queue).set(waiting)
             for status in sorted(TERMINAL_STATUSES):
                 fresh = sorted(store.job_ids_with_status(status) - self._observed)
                 for job in store.get_jobs(fresh):
