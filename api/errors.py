@@ -105,7 +105,8 @@ def _server_limit(error: FieldError, request: Request) -> FieldError:
     setting = _SERVER_LIMITS.get(error.field)
     if setting is None or not error.reason.startswith("Input should be less than"):
         return error
-    return FieldError(field=error.field, reason=f"at most {getattr(request.app.state.settings, setting)} on this server")
+    limit = getattr(request.app.state.settings, setting)
+    return FieldError(field=error.field, reason=f"at most {limit} on this server")
 
 
 async def _on_http(request: Request, exc: Exception) -> ProblemResponse:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 CLIENT_RETRY_MS = 3000
 # Line ends of the messages: plain LF, which every SSE parser accepts.
 SEP = "\n"
+# CLIENT SETNAME of the streams' Redis connections (CLIENT LIST shows how many are open).
+SSE_CLIENT_NAME = "anytime-prune-sse"
 
 
 def _message(entry_id: str, event: dict[str, Any]) -> ServerSentEvent:
@@ -117,6 +119,7 @@ def stream_pool(redis_url: str, *, max_connections: int, block_s: float, timeout
         socket_timeout=block_s + timeout_s,
         retry=Retry(NoBackoff(), 0),
         decode_responses=True,
+        client_name=SSE_CLIENT_NAME,
     )
 
 
