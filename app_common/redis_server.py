@@ -104,16 +104,23 @@ def reclaim_stale_server(data_dir: Path, *, timeout_s: float = 10.0) -> int | No
 
 class EmbeddedRedis:
     """A redis-server child process: throwaway (a temporary folder, no persistence) by default,
-    or keeping its data in ``data_dir``.
+    or keeping its data in ``data_dir``; on a free port, or on ``port``.
 
     >>> with EmbeddedRedis() as server:
     ...     client = redis.Redis.from_url(server.url)
     """
 
     def __init__(
-        self, *, executable: str | None = None, startup_timeout_s: float = 10.0, data_dir: Path | None = None
+        self,
+        *,
+        executable: str | None = None,
+        startup_timeout_s: float = 10.0,
+        data_dir: Path | None = None,
+        port: int | None = None,
     ):
         self.executable = executable or find_redis_server()
+        # A fixed port: a server restarted on its data keeps its URL (clients reconnect to it).
+        self.requested_port = port
         self.startup_timeout_s = startup_timeout_s
         self.data_dir = None if data_dir is None else Path(data_dir).absolute()
         self.port: int | None = None
@@ -135,8 +142,8 @@ class EmbeddedRedis:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="anytime-prune-redis-")
             folder = self._tmpdir.name
         # The free port can be taken between probing and binding: try a few.
-        for _ in range(5):
-            port = _free_port()
+        for _ in range(1 if self.requested_port else 5):
+            port = self.requested_port or _free_port()
             try:
                 self._process = self._spawn(port, folder)
             except OSError as exc:

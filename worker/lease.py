@@ -36,8 +36,14 @@ def acquire_lease(store: JobStore, job_id: str, token: str, ttl_s: float, *, wai
     A live holder renews its lease every ``ttl / 3`` seconds, so it never expires while we wait
     one TTL; the lease of a worker that died (its pool child was killed and Celery redelivered
     the message at once) does. Waiting one TTL therefore tells a real duplicate (stand down) from
-    a redelivery after a crash (take over) without waiting for the reaper.
+    a redelivery after a crash (take over) without waiting for the reaper. Right after a Redis
+    restart a running job's lease is first left alone for the rest of a TTL (:func:`restart_hold_s`).
     """
+    hold = restart_hold_s(store, job_id, ttl_s)
+    if hold > 0:
+        log.info("job %s: Redis restarted %.1f s ago; giving its worker %.1f s to renew the lease", job_id,
+                 ttl_s - hold, hold)
+        time.sleep(hold)
     deadline = time.monotonic() + wait_s
     poll = max(0.05, ttl_s / 10)
     while True:
@@ -47,6 +53,20 @@ def acquire_lease(store: JobStore, job_id: str, token: str, ttl_s: float, *, wai
         if remaining <= 0:
             return False
         time.sleep(min(poll, remaining))
+
+
+def restart_hold_s(store: JobStore, job_id: str, ttl_s: float) -> float:
+    """How long to leave a running job's free lease alone because Redis itself restarted less than
+    a TTL ago: the lease may have expired during the outage while its worker lives on and is
+    about to re-take it (Celery also hands the job's message out again when its connection
+    drops). 0 for a queued job, or when Redis has been up for a TTL (or will not say)."""
+    uptime = store.redis_uptime_s()
+    if uptime is None or uptime >= ttl_s:
+        return 0.0
+    record = store.get_job(job_id)
+    if record is None or record.status not in (RUNNING, CANCELLING):
+        return 0.0
+    return ttl_s - uptime
 
 
 class LeaseHeartbeat(threading.Thread):

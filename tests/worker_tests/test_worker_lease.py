@@ -10,7 +10,7 @@ import redis
 from worker_support import SPEC, events
 
 from app_common.store import JobStore
-from worker.lease import CANCEL_FORCED, LEASE_LOST, LeaseHeartbeat
+from worker.lease import CANCEL_FORCED, LEASE_LOST, LeaseHeartbeat, acquire_lease, restart_hold_s
 
 
 def test_heartbeat_keeps_the_lease_and_notices_a_takeover(store: JobStore) -> None:
@@ -110,3 +110,23 @@ def test_after_an_outage_a_lease_taken_by_another_worker_stops_the_run(store: Jo
     assert store.acquire_lease(job.id, "intruder", 30)
     assert not store.heartbeat(job.id, "mine", 30)
     assert store.get_job(job.id).heartbeat_at is None  # type: ignore[union-attr]
+
+
+def test_a_running_jobs_free_lease_is_left_alone_for_a_ttl_after_a_redis_restart(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = store.create_job("key_a", SPEC, queue="cpu")
+    assert store.transition(running.id, "running", allowed_from={"queued"})
+    queued = store.create_job("key_a", SPEC, queue="cpu")
+    uptime: list[float | None] = [0.5]
+    monkeypatch.setattr(store, "redis_uptime_s", lambda: uptime[0])
+    assert restart_hold_s(store, running.id, 2.0) == 1.5  # its live worker may be about to re-take it
+    assert restart_hold_s(store, queued.id, 2.0) == 0.0  # a first delivery waits for nothing
+    uptime[0] = 2.0
+    assert restart_hold_s(store, running.id, 2.0) == 0.0
+    uptime[0] = None  # INFO refused: nothing known
+    assert restart_hold_s(store, running.id, 2.0) == 0.0
+    uptime[0] = 1.9
+    started = time.monotonic()
+    assert acquire_lease(store, running.id, "late", 2.0)
+    assert time.monotonic() - started >= 0.1
