@@ -326,10 +326,17 @@ def test_crashed_worker_is_replaced_and_the_job_resumes_with_equal_metrics(stack
             stack.crash_worker()
             break
     assert alice.status(job["id"])["status"] == "running"  # nobody knows yet
+    # Once its lease has expired (one TTL) the job says its worker is gone: still running, stale.
+    deadline = time.monotonic() + 60
+    while not (orphan := alice.status(job["id"]))["stale"]:
+        assert time.monotonic() < deadline, orphan
+        time.sleep(0.2)
+    assert orphan["status"] == "running" and orphan["heartbeat_at"] is not None
     stack.start_worker()
     rest = list(events)  # the same event stream, through the outage to the end
     final = alice.status(job["id"])
     assert final["status"] == "succeeded", (final, stack.log_tail())
+    assert final["stale"] is False and final["heartbeat_at"] > orphan["heartbeat_at"]  # renewed by the new worker
     assert final["attempt"] == 2
     restarts = [e.data for e in rest if e.type == "run_started"]
     assert len(restarts) == 1 and restarts[0]["resumed_after"] >= 1
