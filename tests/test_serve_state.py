@@ -45,7 +45,8 @@ class Serve:
         )
         self.lines: list[str] = []
         self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         assert self.ready.wait(120), "".join(self.lines)
         assert self.proc.poll() is None, "".join(self.lines)
 
@@ -63,6 +64,11 @@ class Serve:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
         assert self.proc.wait(timeout=60) == 0, "".join(self.lines)
+        self.close()
+
+    def close(self) -> None:
+        """After the process ended: the reader has seen end of file, so the pipe can go."""
+        self.reader.join(timeout=30)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
 
@@ -130,6 +136,7 @@ def test_serve_killed_by_sigkill_leaves_no_process_and_the_next_start_works(fold
     assert "redis-server" in names and " worker " in names and " api " in names, names
     os.kill(serve.proc.pid, signal.SIGKILL)
     serve.proc.wait(timeout=10)
+    serve.close()
     gone, alive = psutil.wait_procs(children, timeout=30)  # hang guard; they go within seconds
     assert not alive, [" ".join(p.cmdline()) for p in alive]
 
