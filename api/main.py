@@ -136,6 +136,10 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+    for path_item in doc.get("paths", {}).values():
+        for operation in path_item.values():
+            for parameter in operation.get("parameters", []):
+                _absent_not_null(parameter)
     stream, stream_schemas = event_stream_openapi()
     doc["paths"][API_PREFIX + "/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"] = {
         "text/event-stream": stream
@@ -146,11 +150,27 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     return doc
 
 
+def _absent_not_null(parameter: dict[str, Any]) -> None:
+    """An optional parameter is left out, never sent as ``null``: a header or query value is a
+    string, and the text "null" is not a valid stream id or status (FastAPI documents
+    ``str | None`` as ``anyOf: [string, null]``)."""
+    schema = parameter.get("schema", {})
+    variants = schema.get("anyOf")
+    if parameter.get("required") or not isinstance(variants, list):
+        return
+    others = [v for v in variants if v != {"type": "null"}]
+    if len(others) == 1 and len(others) < len(variants):
+        del schema["anyOf"]
+        schema.update(others[0])
+
+
 def _server_limits(schemas: dict[str, Any], settings: Settings) -> None:
     """The spec's bounds narrowed to this server's settings (the spec alone allows more)."""
     epochs = schemas["TrainingSpec"]["properties"]["epochs"]
     epochs["maximum"] = min(epochs["maximum"], settings.max_epochs)
     megabatches = schemas["StreamSpec"]["properties"]["megabatches"]
     megabatches["maximum"] = min(megabatches["maximum"], settings.max_megabatches)
+    size = schemas["DatasetCreate"]["properties"]["bytes"]
+    size["maximum"] = settings.max_dataset_bytes
     device = schemas["TrainingSpec"]["properties"]["device"]
     device["enum"] = [d for d in device["enum"] if settings.queue_for_device(d) is not None]

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-_STREAM_ID = r"^[0-9]{1,20}-[0-9]{1,20}$"
+_STREAM_ID = r"^[0-9]{1,20}(-[0-9]{1,20})?$"  # "5" is "5-0", as in XREAD
 IdempotencyKey = Annotated[
     str | None,
     Header(
