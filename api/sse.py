@@ -171,6 +171,8 @@ def event_stream_openapi(ref_prefix: str = "#/components/schemas/") -> tuple[dic
                 "data": {"contentMediaType": "application/json", "contentSchema": {"$ref": ref_prefix + cls.__name__}},
             }
         })
+    for schema in components.values():
+        _nullable_numbers(schema)
     components["StreamError"] = {
         "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}
     }
@@ -192,3 +194,15 @@ def event_stream_openapi(ref_prefix: str = "#/components/schemas/") -> tuple[dic
         "oneOf": variants,
     }
     return {"schema": message}, components
+
+
+def _nullable_numbers(schema: Any) -> None:
+    """Numbers may be null: the store writes a non-finite value (a NaN loss) as null (JSON has no NaN)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "number":
+            schema["type"] = ["number", "null"]
+        for value in schema.values():
+            _nullable_numbers(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _nullable_numbers(value)
