@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     celery_app = create_celery(settings)
     # Event streams borrow from one bounded pool (not a client each: 1,000 streams were 1,039 clients).
     streams = stream_pool(settings.redis_url, max_connections=settings.sse_redis_connections,
-                          block_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s)
+                          block_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s,
+                          prefix=settings.redis_prefix)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

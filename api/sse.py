@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 CLIENT_RETRY_MS = 3000
 # Line ends of the messages: plain LF, which every SSE parser accepts.
 SEP = "\n"
-# CLIENT SETNAME of the streams' Redis connections (CLIENT LIST shows how many are open).
+# CLIENT SETNAME of the streams' Redis connections, then ":" and the key prefix (CLIENT LIST shows
+# how many each deployment holds).
 SSE_CLIENT_NAME = "anytime-prune-sse"
 
 
@@ -106,7 +107,9 @@ class StreamSlots:
         return self._open[owner]
 
 
-def stream_pool(redis_url: str, *, max_connections: int, block_s: float, timeout_s: float) -> aioredis.ConnectionPool:
+def stream_pool(
+    redis_url: str, *, max_connections: int, block_s: float, timeout_s: float, prefix: str
+) -> aioredis.ConnectionPool:
     """The connections every event stream of this process borrows from: at most
     ``max_connections``; a read waits for a free one up to about a heartbeat, then fails (the
     stream ends with an ``error`` event and the client reconnects with Last-Event-ID)."""
@@ -119,7 +122,7 @@ def stream_pool(redis_url: str, *, max_connections: int, block_s: float, timeout
         socket_timeout=block_s + timeout_s,
         retry=Retry(NoBackoff(), 0),
         decode_responses=True,
-        client_name=SSE_CLIENT_NAME,
+        client_name=f"{SSE_CLIENT_NAME}:{prefix}",
     )
 
 

@@ -109,8 +109,8 @@ async def test_conditional_and_ranged_downloads(api: Api) -> None:
 
 
 # --- event streams: capped per key, on a bounded pool (a real server: streams stay open) ----------
-def stream_clients(client: redis.Redis) -> int:
-    return sum(1 for c in client.client_list() if c.get("name") == SSE_CLIENT_NAME)
+def stream_clients(client: redis.Redis, prefix: str) -> int:
+    return sum(1 for c in client.client_list() if c.get("name") == f"{SSE_CLIENT_NAME}:{prefix}")
 
 
 async def test_event_streams_are_capped_per_key_on_a_bounded_pool(api: Api, settings: Settings) -> None:
@@ -140,7 +140,7 @@ async def test_event_streams_are_capped_per_key_on_a_bounded_pool(api: Api, sett
             assert (await open_stream(job_b, api.b))[0] == 200  # another key is unaffected
             await asyncio.sleep(1.0)  # every stream has read and blocked at least once
             # 17 open streams share at most 4 connections (before: one client each).
-            assert 1 <= stream_clients(api.store.redis) <= 4
+            assert 1 <= stream_clients(api.store.redis, settings.redis_prefix) <= 4
             for context in streams[:3]:
                 await context.__aexit__(None, None, None)
             del streams[:3]
