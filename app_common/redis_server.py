@@ -94,12 +94,22 @@ def reclaim_stale_server(data_dir: Path, *, timeout_s: float = 10.0) -> int | No
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+    while time.monotonic() < deadline and _running(pid):
         time.sleep(0.05)
-    if Path(f"/proc/{pid}").exists():
+    if _running(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return pid
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting for its parent has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name in parentheses: "pid (comm) S ...".
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 class EmbeddedRedis:
