@@ -249,15 +249,31 @@ def cmd_list(args: argparse.Namespace, client: Client) -> int:
     if not jobs:
         print("no jobs", file=sys.stderr)
         return EXIT_OK
-    print(f"{'id':<32}  {'status':<10} {'created':<24} {'spec':<28} {'progress':>8} {'test acc':>8}")
+    rows = [("id", "status", "created (UTC)", "spec", "progress", "test acc")]
     for job in jobs:
         spec = job.get("spec") or {}
         what = f"{spec.get('dataset', {}).get('name')}/{spec.get('architecture')}/{spec.get('method')}"
         fraction = float((job.get("progress") or {}).get("fraction") or 0)
         m = latest_metrics(job)
-        print(f"{job['id']:<32}  {job['status']:<10} {job['created_at']:<24} {what:<28} {100 * fraction:>7.0f}% "
-              f"{'-' if m is None else format(m.test_accuracy, '.4f'):>8}")
+        rows.append((job["id"], job["status"], short_time(job["created_at"]), what, f"{100 * fraction:.0f}%",
+                     "-" if m is None else format(m.test_accuracy, ".4f")))
+    print_table(rows, right=(4, 5))
     return EXIT_OK
+
+
+def short_time(iso: str) -> str:
+    """``2026-11-30T23:33:01.123Z`` -> ``2026-11-30 23:33:01`` (a table column, to the second)."""
+    return iso.replace("T", " ")[:19]
+
+
+def print_table(rows: list[tuple[str, ...]], *, right: tuple[int, ...] = ()) -> None:
+    """Rows as columns as wide as their widest cell, two spaces apart (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
 
 
 def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
@@ -349,9 +365,10 @@ def cmd_datasets_list(args: argparse.Namespace, client: Client) -> int:
     if not datasets:
         print("no datasets", file=sys.stderr)
         return EXIT_OK
-    print(f"{'id':<32}  {'status':<10} {'format':<11} {'bytes':>12} {'created':<24} name")
-    for d in datasets:
-        print(f"{d['id']:<32}  {d['status']:<10} {d['format']:<11} {d['bytes']:>12} {d['created_at']:<24} {d['name']}")
+    rows = [("id", "status", "format", "bytes", "created (UTC)", "name")]
+    rows += [(d["id"], d["status"], d["format"], str(d["bytes"]), short_time(d["created_at"]), d["name"])
+             for d in datasets]
+    print_table(rows, right=(3,))
     return EXIT_OK
 
 

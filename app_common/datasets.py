@@ -15,11 +15,11 @@ reason. Jobs may name only a ``ready`` dataset. The API's public schema is deriv
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app_common.jobs import Timestamp
 from app_common.spec import DATASET_ID_PATTERN, DATASETS_WITH_PATH
 
 DatasetStatus = Literal["uploading", "validating", "ready", "invalid"]
@@ -63,8 +63,8 @@ class DatasetState(BaseModel):
     status: DatasetStatus
     sha256: str = Field(pattern=SHA256_PATTERN, description="Of the uploaded file, as declared at creation.")
     bytes: int = Field(ge=1, description="Size of the uploaded file, as declared at creation.")
-    created_at: datetime
-    updated_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
     error: str | None = Field(description="Why the dataset is invalid; null otherwise.")
     info: DatasetInfo | None = Field(description="What validation found; null until ready.")
 

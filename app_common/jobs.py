@@ -8,12 +8,21 @@ arithmetic behind ``JobRecord.progress``: how far a run is after an engine event
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar, get_args
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from app_common.events import STATUSES, TERMINAL_STATUSES, EpochEnded, Event, MegabatchEnded, RunStarted
+
+
+def _iso_ms(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# A UTC time as the store keeps it, to the millisecond: ``2026-11-30T23:33:01.123Z`` in JSON
+# (pydantic would otherwise print microseconds the store never had).
+Timestamp = Annotated[datetime, PlainSerializer(_iso_ms, return_type=str, when_used="json")]
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 if get_args(JobStatus) != STATUSES:  # one list of statuses, checked at import
@@ -62,10 +71,10 @@ class JobState(BaseModel, Generic[SpecT]):
     status: JobStatus
     queue: str
     spec: SpecT
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    updated_at: Timestamp
     error: str | None
     attempt: int
     progress: Progress
@@ -75,7 +84,7 @@ class JobState(BaseModel, Generic[SpecT]):
     result: dict[str, Any] | None
     artifacts: list[ArtifactInfo]
     cancel_requested: bool
-    heartbeat_at: datetime | None = Field(
+    heartbeat_at: Timestamp | None = Field(
         default=None, description="When the worker running the job last renewed its lease (every lease TTL / 3)."
     )
     events_lost: int = Field(

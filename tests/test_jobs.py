@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
+
 import pytest
 from factories import epoch_ended, megabatch_ended
+from pydantic import TypeAdapter
 
 from app_common.events import CheckpointWritten, Pruned, RunStarted, StatusChanged
-from app_common.jobs import DERIVED_FIELDS, JOB_FIELDS, JobRecord, Progress, progress_after
+from app_common.jobs import DERIVED_FIELDS, JOB_FIELDS, JobRecord, Progress, Timestamp, progress_after
 
 START = Progress(megabatch=0, megabatches=4, epoch=0, epochs=5, fraction=0.0)
 
@@ -52,3 +55,12 @@ def test_fraction_is_clamped_and_rounded() -> None:
 )
 def test_other_events_change_nothing(event: object) -> None:
     assert progress_after(START, event) is START  # type: ignore[arg-type]
+
+
+def test_times_are_shown_to_the_millisecond_in_utc() -> None:
+    """The store keeps milliseconds; JSON shows exactly those (not six digits), always in UTC."""
+    as_json = TypeAdapter(Timestamp).dump_python
+    assert as_json(datetime(2026, 11, 30, 23, 33, 1, 123000, tzinfo=UTC), mode="json") == "2026-11-30T23:33:01.123Z"
+    plus_one = timezone(timedelta(hours=1))
+    assert as_json(datetime(2026, 12, 1, 0, 33, 1, 123456, tzinfo=plus_one), mode="json") == "2026-11-30T23:33:01.123Z"
+    assert isinstance(as_json(datetime(2026, 1, 1, tzinfo=UTC)), datetime)  # Python mode keeps the datetime

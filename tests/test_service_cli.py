@@ -123,3 +123,37 @@ def test_the_readmes_commands_parse() -> None:
             build_parser().parse_args(argv)
         except SystemExit as exc:
             raise AssertionError(f"the README runs `anytime-prune {' '.join(argv)}`, which does not parse") from exc
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+
+def test_list_prints_aligned_columns_whatever_the_widths(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every column starts at the same place on every line (a 27-character timestamp in a
+    24-character column shifted the rest of the line)."""
+    from anytime_prune.client_cli import cmd_list
+
+    jobs = [
+        {"id": "a" * 32, "status": "succeeded", "created_at": "2026-11-30T23:33:01.123Z", "progress": {"fraction": 1},
+         "spec": {"dataset": {"name": "imagefolder"}, "architecture": "resnet20_a", "method": "dense"},
+         "latest_metrics": {**metrics(2, 0.9).to_dict(), "megabatch": 2}},
+        {"id": "b" * 32, "status": "queued", "created_at": "2026-11-30T23:34:00.000Z", "progress": {"fraction": 0},
+         "spec": {"dataset": {"name": "digits"}, "architecture": "mlp", "method": "app"}, "latest_metrics": None},
+    ]
+
+    class FakeClient:
+        def list(self, status: str | None = None, limit: int = 20) -> list[dict[str, object]]:
+            return jobs
+
+    args = build_parser().parse_args(["list"])
+    assert cmd_list(args, FakeClient()) == 0  # type: ignore[arg-type]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    header = lines[0]
+    for column in ("status", "created (UTC)", "spec"):  # left-aligned: every cell starts under its name
+        start = header.index(column)
+        assert all(line[start - 2 : start] == "  " and line[start] != " " for line in lines[1:]), (column, lines)
+    end = header.index("progress") + len("progress")  # right-aligned: every cell ends under its name
+    assert all(line[end - 1] == "%" and line[end] == " " for line in lines[1:]), lines
+    assert "2026-11-30 23:33:01" in lines[1] and ".123" not in lines[1]
+    assert lines[1].endswith("0.9000") and lines[2].endswith("-")
