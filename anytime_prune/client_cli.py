@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -266,7 +266,7 @@ def short_time(iso: str) -> str:
     return iso.replace("T", " ")[:19]
 
 
-def print_table(rows: list[tuple[str, ...]], *, right: tuple[int, ...] = ()) -> None:
+def print_table(rows: Sequence[Sequence[str]], *, right: tuple[int, ...] = ()) -> None:
     """Rows as columns as wide as their widest cell, two spaces apart (the first row is the header)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
