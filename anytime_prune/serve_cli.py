@@ -276,6 +276,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ.setdefault("APP_QUEUES", args.queue)
         os.environ.setdefault("APP_DEFAULT_QUEUE", args.queue)
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        # The API shares this machine with training: the workers run at a lower priority and leave
+        # one core free of torch threads, so requests are answered promptly (bench/bench_api.py).
+        os.environ.setdefault("APP_WORKER_NICE", "10")
+        os.environ.setdefault("APP_TORCH_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
         settings = Settings()
         if args.queue not in settings.queues:
             raise RuntimeError(f"APP_QUEUES={','.join(settings.queues)} does not include --queue {args.queue}")

@@ -94,6 +94,14 @@ class Settings(BaseSettings):
         "or test runs share one Redis without taking each other's messages.",
     )
     idempotency_ttl_s: int = Field(86400, ge=1, description="How long an Idempotency-Key is remembered.")
+    worker_nice: int = Field(
+        0, ge=0, le=19, description="Niceness a worker runs at (serve sets 10, so the API answers promptly while "
+        "a job trains on the same machine)."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for training (OMP_NUM_THREADS of the job's process); unset: "
+        "torch's default (serve leaves one core to the API)."
+    )
     sse_heartbeat_s: float = Field(10.0, gt=0.0, description="Comment line sent on an idle event stream.")
     submit_rate_limit: str | None = Field(
         "30/minute",

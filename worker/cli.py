@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from app_common.settings import Settings
 from app_common.tasks import CONTROL_QUEUE, QUEUE_NAMES
@@ -39,10 +40,26 @@ def worker_argv(queue: str, *, loglevel: str = "INFO", hostname: str | None = No
     ]
 
 
+def share_the_machine(settings: Settings) -> None:
+    """Apply the worker's CPU share before Celery forks its pool: a lower priority (``nice``) and a
+    bound on the threads torch starts in the job's process (it reads OMP_NUM_THREADS at import,
+    which happens in the pool child, after this)."""
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)
+    if settings.torch_threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(settings.torch_threads)
+
+
 def run_worker(queue: str, settings: Settings, *, loglevel: str = "INFO", hostname: str | None = None) -> int:
     """Run a worker consuming ``queue`` until it is shut down; returns its exit status."""
     if settings.redis_url is None:
         raise RuntimeError("a worker needs REDIS_URL (the broker and the job store)")
+    if queue in QUEUE_NAMES and queue not in settings.queues:
+        log.warning(
+            "this worker consumes queue %r, but the API sends jobs only to APP_QUEUES=%s: no job will come here "
+            "unless the API runs with APP_QUEUES including %r", queue, ",".join(settings.queues), queue
+        )
+    share_the_machine(settings)
     from worker.celery_app import make_celery
 
     app = make_celery(settings)
