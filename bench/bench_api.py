@@ -105,12 +105,18 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--worker-nice", type=int, help="override serve's worker niceness (it uses 10)")
+    parser.add_argument("--torch-threads", type=int, help="override serve's torch threads (it uses cores - 1)")
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="bench-api-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("APP_")}
     env.update(HOME=str(folder), PYTHONUNBUFFERED="1")
+    if args.worker_nice is not None:
+        env["APP_WORKER_NICE"] = str(args.worker_nice)
+    if args.torch_threads is not None:
+        env["APP_TORCH_THREADS"] = str(args.torch_threads)
     serve = subprocess.Popen(
         [sys.executable, "-m", "anytime_prune.cli", "serve", "--port", str(port), "--state-dir", str(folder / "state"),
          "--artifacts-dir", str(folder / "artifacts"), "--log-level", "WARNING"],
@@ -156,7 +162,9 @@ def main() -> int:
         if serve.stdout is not None:
             serve.stdout.close()
 
-    print(f"GET job at {args.rate:.0f} req/s for {args.seconds:.0f} s per phase ({os.cpu_count()} cores)")
+    share = f"worker nice {env.get('APP_WORKER_NICE', 'serve default 10')}, torch threads " \
+        f"{env.get('APP_TORCH_THREADS', 'serve default cores-1')}"
+    print(f"GET job at {args.rate:.0f} req/s for {args.seconds:.0f} s per phase ({os.cpu_count()} cores; {share})")
     print(f"{'phase':<24}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'rate/s':>9}{'errors':>8}  goal")
     for phase, r in results.items():
         goal = GOALS_MS.get(phase)
