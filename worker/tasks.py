@@ -47,6 +47,24 @@ def terminate_process() -> None:
     os._exit(TERMINATED_EXIT_CODE)
 
 
+# Options of both tasks: acknowledged after the work (a lost worker's message comes back), results
+# ignored (the job or dataset record in Redis is the outcome), retried with backoff on errors.
+DURABLE_TASK: dict[str, Any] = {
+    "bind": True,
+    # Not a "shared" task: Celery would otherwise add the closure (and its settings) to every app
+    # created later in the process.
+    "shared": False,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "ignore_result": True,
+    "autoretry_for": (Exception,),
+    "retry_backoff": 5,
+    "retry_backoff_max": 300,
+    "retry_jitter": True,
+    "max_retries": 10,
+}
+
+
 def register_tasks(app: Celery, settings: Settings) -> None:
     """Register ``anytime_prune.run_job`` and ``anytime_prune.validate_dataset`` (the control
     queue's) on ``app``, bound to ``settings``.
@@ -56,24 +74,11 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     environment says; pool children are forked and inherit them.
     """
 
-    @app.task(  # type: ignore[untyped-decorator]  # Celery is untyped
-        name=RUN_JOB_TASK,
-        bind=True,
-        # Not a "shared" task: Celery would otherwise add this closure (and its settings) to
-        # every app created later in the process.
-        shared=False,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        ignore_result=True,
-        # Redis unreachable, or a run that raised something other than a user error: retry later;
-        # the job resumes from its checkpoint. execute_job records user errors on the job itself,
-        # and fails it with the error once the attempt cap is reached, so retries are bounded.
-        autoretry_for=(Exception,),
-        retry_backoff=5,
-        retry_backoff_max=300,
-        retry_jitter=True,
-        max_retries=10,
-    )
+    # Redis unreachable, or a run that raised something other than a user error: retry later; the
+    # job resumes from its checkpoint. execute_job records user errors on the job itself and fails
+    # it once the attempt cap is reached, so retries are bounded; validate_dataset records every
+    # problem of an upload on the dataset (which stays validating while the store is away).
+    @app.task(name=RUN_JOB_TASK, **DURABLE_TASK)  # type: ignore[untyped-decorator]  # Celery is untyped
     def run_job(self: Task, job_id: str) -> str:
         log.info("job %s: delivery %s (redelivered: %s)", job_id, self.request.id, _redelivered(self))
         store = connect_store(settings)
@@ -85,21 +90,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         log.info("job %s: %s", job_id, outcome)
         return outcome
 
-    @app.task(  # type: ignore[untyped-decorator]  # Celery is untyped
-        name=VALIDATE_DATASET_TASK,
-        bind=True,
-        shared=False,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        ignore_result=True,
-        # The store or Redis unreachable: try again; the dataset stays validating meanwhile.
-        # validate_dataset records every problem of the upload itself on the dataset.
-        autoretry_for=(Exception,),
-        retry_backoff=5,
-        retry_backoff_max=300,
-        retry_jitter=True,
-        max_retries=10,
-    )
+    @app.task(name=VALIDATE_DATASET_TASK, **DURABLE_TASK)  # type: ignore[untyped-decorator]
     def validate(self: Task, dataset_id: str) -> str:
         log.info("dataset %s: validation %s", dataset_id, self.request.id)
         outcome = validate_dataset(
