@@ -101,6 +101,23 @@ def test_a_backlog_of_one_key_does_not_delay_another(stack: ServiceStack, connec
     assert stack.store.celery_queue_length("cpu", stack.env["APP_CELERY_KEY_PREFIX"]) == 0
 
 
+def idle_pool(stack: ServiceStack, worker: psutil.Process, settle_s: float = 2.0) -> set[int]:
+    """The worker's pool children once it is idle: no job running and the same children for
+    ``settle_s`` (the child that ran an earlier test's job exits after it, max-tasks-per-child 1,
+    and its replacement is forked a moment later)."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    last: set[int] = set()
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        now = {p.pid for p in worker.children(recursive=True)}
+        if now != last or stack.store.running_jobs():
+            last, since = now, time.monotonic()
+        elif now and time.monotonic() - since >= settle_s:
+            return now
+        time.sleep(0.1)
+    raise AssertionError(f"the worker never settled: children {last}, running {stack.store.running_jobs()}")
+
+
 def test_a_message_for_a_finished_job_is_dropped_without_a_child(stack: ServiceStack, connect: Connect) -> None:
     """A late message (a redelivery, a re-send) for a job that is already over is acknowledged in
     the worker's main process: no pool child is forked for it (max-tasks-per-child is 1)."""
@@ -111,11 +128,7 @@ def test_a_message_for_a_finished_job_is_dropped_without_a_child(stack: ServiceS
         client.post(f"/api/v1/jobs/{job_id}/cancel")
         job_ids.append(job_id)
     worker = psutil.Process(stack.processes["worker"].pid)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not worker.children(recursive=True) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    children = {p.pid for p in worker.children(recursive=True)}
-    assert children
+    children = idle_pool(stack, worker)
     sender = Celery("sender", broker=stack.env["REDIS_URL"], set_as_current=False)
     sender.conf.broker_transport_options = {"global_keyprefix": stack.env["APP_CELERY_KEY_PREFIX"]}
     try:
