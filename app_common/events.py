@@ -108,7 +108,7 @@ class MegabatchEnded:
 @dataclass(frozen=True)
 class CheckpointWritten:
     megabatch: int
-    path: str
+    path: str  # relative to the run folder (``checkpoints/megabatch-0003.pt``): no host's layout
     type: str = field(default="checkpoint_written", init=False)
 
 

@@ -329,7 +329,7 @@ def run(
                 t, st.megabatches, record.test_accuracy, record.density, record.generalization_gap, record.wall_time_s,
             )
             # Both events of a finished megabatch reach every callback before a stop takes effect.
-            emit(CheckpointWritten(megabatch=t, path=str(path)), defer_stop=True)
+            emit(CheckpointWritten(megabatch=t, path=path.relative_to(out_dir).as_posix()), defer_stop=True)
             emit(MegabatchEnded(megabatch=t, megabatches=st.megabatches, metrics=record))
     except StopRun:
         log.info("run stopped after megabatch %d of %d: %s", state.done, st.megabatches, emit.stop_reason)

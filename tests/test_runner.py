@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_common.events import EpochEnded, MegabatchEnded, MegabatchMetrics, Pruned, RunEnded, RunStarted
+from app_common.events import (
+    CheckpointWritten,
+    EpochEnded,
+    MegabatchEnded,
+    MegabatchMetrics,
+    Pruned,
+    RunEnded,
+    RunStarted,
+)
 from app_common.spec import JobSpec
 from app_engine.checkpoint import CheckpointError
 from app_engine.runner import StopRun, run
@@ -99,6 +107,10 @@ def test_events_in_order(tmp_path):
     assert isinstance(events[-1], RunEnded) and not events[-1].stopped
     epochs = [e for e in events if isinstance(e, EpochEnded)]
     assert [(e.megabatch, e.epoch) for e in epochs] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    # Checkpoint paths name the file inside the run folder, never this host's layout.
+    written = [e for e in events if isinstance(e, CheckpointWritten)]
+    assert [e.path for e in written] == ["checkpoints/megabatch-0001.pt", "checkpoints/megabatch-0002.pt"]
+    assert (tmp_path / written[-1].path).is_file()
 
 
 def test_callback_stops_the_run_and_rerun_resumes(tmp_path):
