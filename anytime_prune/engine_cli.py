@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import logging
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ ENGINE_EXTRA_HINT = "pip install 'anytime-prune[engine]'"
 
 # `compare` varies these itself (--methods, --megabatches as a list, --seeds).
 COMPARE_OWN_FIELDS = frozenset({"method", "stream.megabatches", "training.seed"})
+# ...and takes these as comma lists too: each one given with several values is an axis of the grid
+# of runs (every combination, times every method and seed), a column of the table.
+GRID_FIELDS = ("sparsity.target", "sparsity.tau", "sparsity.pruner", "sparsity.scope", "stream.replay")
 
 def add_spec_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> None:
     """``--spec`` and a flag per job-spec field (generated: :mod:`anytime_prune.spec_flags`);
@@ -34,7 +38,10 @@ def add_spec_flags(p: argparse.ArgumentParser, *, compare: bool = False) -> None
     g = p.add_argument_group("job spec (overrides --spec)")
     g.add_argument("--spec", type=Path, help="JSON job spec (the HTTP API's body); flags override it")
     for flag in SPEC_FLAGS:
-        if not (compare and flag.field in COMPARE_OWN_FIELDS):
+        if compare and flag.field in GRID_FIELDS:
+            g.add_argument(flag.option, dest=flag.dest, type=comma_list(flag.type or str), default=None,
+                           metavar="A,B,...", help=f"{flag.help} (a comma list is an axis of the grid)")
+        elif not (compare and flag.field in COMPARE_OWN_FIELDS):
             flag.add_to(g)
 
 
@@ -211,42 +218,55 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from app_engine.runner import run
 
     out = Path(args.out)
-    methods = args.methods
+    # The grid: every given grid flag is an axis (one value: fixed for all runs; several: varied).
+    dest_of = {flag.field: flag.dest for flag in SPEC_FLAGS}
+    given = [(dest_of[f], getattr(args, dest_of[f])) for f in GRID_FIELDS]
+    axes = [(dest, values) for dest, values in given if values is not None]
+    varied = [dest for dest, values in axes if len(values) > 1]
     rows: list[dict[str, Any]] = []
     for n in args.megabatches:
-        runs: dict[str, list[list[dict[str, Any]]]] = {}
-        for method in methods:
-            for seed in args.seeds:
-                spec = build_spec(spec_dict_from_args(args, {"method": method, "megabatches": n, "seed": seed}))
-                label = f"[N={n} {method} seed {seed}] "
-                with _user_errors(), _logs_above_the_bar():
-                    outcome = run(spec, out / f"N{n}" / method / f"seed-{seed}",
-                                  callbacks=[ConsoleProgress(label, megabatch_lines=False)])
-                r = outcome.result
-                runs.setdefault(method, []).append(r["megabatches"])
-                rows.append({"megabatches": n, "method": method, "seed": seed,
-                             "final_test_accuracy": r["final_test_accuracy"], "cer": r["cer"],
-                             "cer_normalized": r["cer_normalized"],
-                             "generalization_gap": megabatch_metrics(r)[-1].generalization_gap,
-                             "final_density": r["final_density"]})
-        plot_compare(runs, out / f"compare-N{n}.png")
-    summary = summarise(rows)
-    (out / "compare.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2) + "\n")
-    table = compare_table(summary)
+        for combo in itertools.product(*(values for _, values in axes)):
+            cell = dict(zip((dest for dest, _ in axes), combo, strict=True))
+            shown = {dest: cell[dest] for dest in varied}
+            folder = out / f"N{n}" / "_".join(f"{dest}-{value}" for dest, value in shown.items())
+            runs: dict[str, list[list[dict[str, Any]]]] = {}
+            for method in args.methods:
+                for seed in args.seeds:
+                    overrides = {**cell, "method": method, "megabatches": n, "seed": seed}
+                    spec = build_spec(spec_dict_from_args(args, overrides))
+                    label = " ".join([f"N={n}", *(f"{d}={v}" for d, v in shown.items()), method, f"seed {seed}"])
+                    with _user_errors(), _logs_above_the_bar():
+                        outcome = run(spec, folder / method / f"seed-{seed}",
+                                      callbacks=[ConsoleProgress(f"[{label}] ", megabatch_lines=False)])
+                    r = outcome.result
+                    runs.setdefault(method, []).append(r["megabatches"])
+                    rows.append({"megabatches": n, **shown, "method": method, "seed": seed,
+                                 "final_test_accuracy": r["final_test_accuracy"], "cer": r["cer"],
+                                 "cer_normalized": r["cer_normalized"],
+                                 "generalization_gap": megabatch_metrics(r)[-1].generalization_gap,
+                                 "final_density": r["final_density"]})
+            suffix = "".join(f"-{dest}-{value}" for dest, value in shown.items())
+            title = " ".join([f"N={n}", *(f"{d}={v}" for d, v in shown.items())])
+            plot_compare(runs, out / f"compare-N{n}{suffix}.png", title=title)
+    summary = summarise(rows, varied)
+    (out / "compare.json").write_text(json.dumps({"axes": varied, "runs": rows, "summary": summary}, indent=2) + "\n")
+    table = compare_table(summary, varied)
     (out / "compare.md").write_text(table + "\n")
     print(table)
     print(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and the plots compare-N*.png")
     return 0
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(rows: list[dict[str, Any]], axes: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Mean and spread over seeds of each grid cell (N, the varied ``axes``, method), in run order."""
     keys = ("final_test_accuracy", "cer", "generalization_gap", "final_density")
-    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["megabatches"], r["method"]), []).append(r)
+        groups.setdefault((r["megabatches"], *(r[a] for a in axes), r["method"]), []).append(r)
     summary = []
-    for (n, method), group in groups.items():
-        entry: dict[str, Any] = {"megabatches": n, "method": method, "seeds": [g["seed"] for g in group]}
+    for (n, *cell, method), group in groups.items():
+        entry: dict[str, Any] = {"megabatches": n, **dict(zip(axes, cell, strict=True)), "method": method,
+                                 "seeds": [g["seed"] for g in group]}
         for key in keys:
             mean, spread = _mean_spread([float(g[key]) for g in group])
             entry[key] = {"mean": mean, "std": spread}
@@ -258,16 +278,26 @@ def _mean_pm(stats: dict[str, float], fmt: str) -> str:
     return f"{format(stats['mean'], fmt)} ± {format(stats['std'], fmt)}"
 
 
-def compare_table(summary: list[dict[str, Any]]) -> str:
-    head = "| N | method | seeds | final test accuracy | CER (errors) | gen. gap (pp) | final density |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+def compare_table(summary: list[dict[str, Any]], axes: Sequence[str] = ()) -> str:
+    """The paper-style table: a row per grid cell, mean ± spread over its seeds."""
+    names = [FLAG_NAMES.get(a, a) for a in axes]
+    head = "| N | " + "".join(f"{n} | " for n in names) + \
+        "method | seeds | final test accuracy | CER (errors) | gen. gap (pp) | final density |"
+    lines = [head, "|---|" + "---|" * len(axes) + "---|---|---|---|---|---|"]
     for s in summary:
+        cells = "".join(f"{s[a]} | " for a in axes)
         lines.append(
-            f"| {s['megabatches']} | {s['method']} | {len(s['seeds'])} | {_mean_pm(s['final_test_accuracy'], '.4f')} | "
+            f"| {s['megabatches']} | {cells}{s['method']} | {len(s['seeds'])} | "
+            f"{_mean_pm(s['final_test_accuracy'], '.4f')} | "
             f"{_mean_pm(s['cer'], '.1f')} | {_mean_pm(s['generalization_gap'], '.2f')} | "
             f"{_mean_pm(s['final_density'], '.4f')} |"
         )
     return "\n".join(lines)
+
+
+# Table headings of the grid axes (the flags' dests read oddly there).
+FLAG_NAMES = {"target_sparsity": "target sparsity", "tau": "tau", "pruner": "pruner", "scope": "scope",
+              "replay": "replay"}
 
 
 def add_engine_commands(sub: Any) -> None:
@@ -276,7 +306,11 @@ def add_engine_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder (re-running into it resumes)")
     p.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("compare", help="run several methods x seeds on the same data; table and plot")
+    c = sub.add_parser(
+        "compare",
+        help="run a grid (methods x N x seeds x any of target sparsity, tau, pruner, scope, replay given as "
+        "comma lists) on the same data; the paper-style table and the anytime plots",
+    )
     add_spec_flags(c, compare=True)
     c.add_argument("--methods", type=comma_list(str), default=["app", "osp", "dense"])
     c.add_argument("--seeds", type=comma_list(int), default=[1, 2, 3])

@@ -162,3 +162,28 @@ def test_engine_modules_are_the_engine_extra() -> None:
     distributions = metadata.packages_distributions()
     provided = {canonicalize_name(d) for m in ENGINE_MODULES for d in distributions.get(m, [])}
     assert provided == extra
+
+
+def test_compare_sweeps_a_grid_of_pruners_and_sparsities(tmp_path, capsys):
+    """Comma lists of spec flags are grid axes: every combination x method x seed runs, and the
+    table has a row per cell with the axes as columns."""
+    out = tmp_path / "grid"
+    code = main([
+        "compare", "--dataset", "digits", "--arch", "mlp", "--methods", "app", "--seeds", "1",
+        "--megabatches", "2", "--epochs", "1", "--pruner", "snip,magnitude", "--target-sparsity", "0.5,0.8",
+        "--scope", "global", "--out", str(out),
+    ])
+    assert code == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert report["axes"] == ["target_sparsity", "pruner"]  # scope has one value: fixed, not an axis
+    cells = [(r["target_sparsity"], r["pruner"]) for r in report["runs"]]
+    assert cells == [(0.5, "snip"), (0.5, "magnitude"), (0.8, "snip"), (0.8, "magnitude")]
+    for s in report["summary"]:  # the schedule ends at each cell's own target
+        assert s["final_density"]["mean"] == pytest.approx(1 - s["target_sparsity"], abs=0.002)
+    table = (out / "compare.md").read_text().splitlines()
+    assert table[0].startswith("| N | target sparsity | pruner | method | seeds |")
+    assert "| 2 | 0.8 | magnitude | app | 1 |" in "\n".join(table)
+    assert len(table) == 2 + 4
+    for cell in ("target_sparsity-0.5-pruner-snip", "target_sparsity-0.8-pruner-magnitude"):
+        with Image.open(out / f"compare-N2-{cell}.png") as img:
+            assert img.size[0] > 200
