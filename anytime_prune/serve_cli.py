@@ -93,6 +93,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("error: a worker needs REDIS_URL (or run `anytime-prune serve`, which starts Redis)", file=sys.stderr)
         return 2
+    if args.gpus is not None:
+        from worker.supervisor import NoGpuError, supervise
+
+        try:
+            return supervise(args.gpus, args.queue, loglevel=args.loglevel, hostname=args.hostname)
+        except (NoGpuError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return run_worker(args.queue, settings, loglevel=args.loglevel, hostname=args.hostname)
 
 
@@ -415,5 +423,11 @@ def add_serve_commands(sub: Any) -> None:
         help=f"the Celery queue to consume (one job at a time; '{CONTROL_QUEUE}': dataset validation)"
     )
     w.add_argument("--loglevel", default="INFO", type=str.upper)
-    w.add_argument("--hostname", help="Celery node name (default: <queue>@<host>)")
+    w.add_argument("--hostname", help="Celery node name (default: <queue>@<host>; with --gpus, <name><device>@<host>)")
+    w.add_argument(
+        "--gpus", metavar="all|0,1,...",
+        help="run one worker per GPU of this host, each pinned with CUDA_VISIBLE_DEVICES and named after it "
+        "(gpu0@<host>, ...), restarting one that dies: 'all' (CUDA_VISIBLE_DEVICES, else nvidia-smi -L) "
+        "or device ids",
+    )
     w.set_defaults(func=cmd_worker)

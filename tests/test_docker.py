@@ -322,6 +322,9 @@ def test_every_command_is_a_real_anytime_prune_subcommand() -> None:
         assert parsed[name].command == "api"
         assert parsed[name].host == "0.0.0.0" and parsed[name].port == 8000, name
     assert parsed["worker-gpu"].command == "worker" and parsed["worker-gpu"].queue == "gpu"
+    # One worker process per GPU the container sees (not --scale: Docker gives every replica GPU 0).
+    assert interpolate(parsed["worker-gpu"].gpus, {}) == "all"
+    assert interpolate(parsed["worker-gpu"].gpus, {"WORKER_GPUS": "0,1"}) == "0,1"
     assert parsed["worker.Dockerfile CMD"].queue == "gpu"
     assert parsed["worker-cpu"].command == "worker" and parsed["worker-cpu"].queue == "cpu"
     assert parsed["worker-control"].command == "worker" and parsed["worker-control"].queue == "control"
@@ -442,10 +445,10 @@ def test_redis_is_durable_protected_and_checked() -> None:
         assert url.startswith("redis://:${REDIS_PASSWORD") and url.endswith("@redis:6379/0"), name
 
 
-def test_gpu_worker_reserves_a_gpu_and_the_cpu_worker_does_not() -> None:
+def test_gpu_worker_reserves_every_gpu_and_the_cpu_worker_does_not() -> None:
     gpu = service("worker-gpu")
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     for name in ("worker-cpu", "worker-control"):
         assert "deploy" not in service(name), f"{name} must not reserve a GPU"
         assert service(name)["build"] == gpu["build"]
