@@ -33,4 +33,6 @@ ENV APP_ARTIFACTS_DIR=/data/work \
     APP_CACHE_DIR=/data/cache \
     APP_STORAGE_DIR=/data/storage \
     APP_DATA_DIR=/data/datasets
-CMD ["anytime-prune", "worker", "--queue", "gpu"]
+# One worker process per GPU the container is given (docker run --gpus all ...): pinned, named
+# gpu<i>@host, restarted if one dies.
+CMD ["anytime-prune", "worker", "--queue", "gpu", "--gpus", "all"]

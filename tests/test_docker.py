@@ -325,7 +325,7 @@ def test_every_command_is_a_real_anytime_prune_subcommand() -> None:
     # One worker process per GPU the container sees (not --scale: Docker gives every replica GPU 0).
     assert interpolate(parsed["worker-gpu"].gpus, {}) == "all"
     assert interpolate(parsed["worker-gpu"].gpus, {"WORKER_GPUS": "0,1"}) == "0,1"
-    assert parsed["worker.Dockerfile CMD"].queue == "gpu"
+    assert parsed["worker.Dockerfile CMD"].queue == "gpu" and parsed["worker.Dockerfile CMD"].gpus == "all"
     assert parsed["worker-cpu"].command == "worker" and parsed["worker-cpu"].queue == "cpu"
     assert parsed["worker-control"].command == "worker" and parsed["worker-control"].queue == "control"
     assert Dockerfile.parse(API_DOCKERFILE).one("EXPOSE") == "8000"
