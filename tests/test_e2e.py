@@ -222,16 +222,18 @@ def test_cancel_mid_run(stack: ServiceStack, alice: Client) -> None:
             break
     assert alice.status(job["id"])["status"] == "running"
 
-    cancelled_at = time.monotonic()
     result = stack.cli("cancel", job["id"], secret=alice.api_key)
     assert result.returncode == 0, result.stderr
     assert re.search(r"is (cancelling|cancelled)", result.stdout)
     rest = list(events)  # the same live stream, to its end
-    elapsed = time.monotonic() - cancelled_at
     final = alice.status(job["id"])
     assert final["status"] == "cancelled", (final, stack.log_tail())
     assert rest[-1].terminal_status == "cancelled"
-    assert elapsed < 15.0  # stops at the next epoch, far sooner than the 600 epochs it asked for
+    # The run stops at the next epoch boundary: once the stream says `cancelling`, at most the epoch
+    # that was ending then is reported (the worker reads the flag after each epoch's event).
+    kinds = [e.type for e in rest]
+    cancelling = next(i for i, e in enumerate(rest) if e.data.get("status") == "cancelling")
+    assert kinds[cancelling:].count("epoch_ended") <= 1, kinds[cancelling:]
     assert final["progress"]["fraction"] < 0.5
     with pytest.raises(ApiError) as err:
         alice.artifacts(job["id"])
@@ -383,7 +385,8 @@ def test_redis_down_is_a_fast_503(stack: ServiceStack) -> None:
             assert r.status_code == 503, (path, r.text)
             assert r.headers["content-type"].startswith("application/problem+json")
             assert int(r.headers["Retry-After"]) > 0
-            assert elapsed < 3.0, (path, elapsed)  # redis_timeout_s is 1 s: no 20 s hangs
+            # A hang guard, not a speed check: redis_timeout_s is 1 s, a hang would be 20 s or more.
+            assert elapsed < 10.0, (path, elapsed)
         with Client(url, "ap_whatever") as client, pytest.raises(ApiError) as err:
             client.list()
         assert err.value.status == 503 and err.value.retry_after
