@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from api.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
 from api.errors import ApiProblem, problem_responses, validation_problem
+from api.pagination import PageCursor, PageLimit, invalid_cursor
 from api.queue import enqueue_validation
 from api.schemas import (
     DatasetCreate,
@@ -337,13 +338,13 @@ def list_datasets(
     store: StoreDep,
     storage: StorageDep,
     status: Annotated[DatasetStatus | None, Query(description="Only datasets with this status.")] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page.")] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> DatasetList:
     try:
         records, next_cursor = store.list_datasets(owner, status=status, cursor=cursor, limit=limit)
     except InvalidCursor:
-        raise validation_problem([FieldError(field="cursor", reason="not a cursor from this API")]) from None
+        raise invalid_cursor() from None
     return DatasetList(items=[to_public(r, request, settings, storage) for r in records], next_cursor=next_cursor)
 
 

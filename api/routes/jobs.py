@@ -17,6 +17,7 @@ from sse_starlette import EventSourceResponse
 
 from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep
 from api.errors import ApiProblem, problem_responses, validation_problem
+from api.pagination import PageCursor, PageLimit, invalid_cursor
 from api.ratelimit import SubmitRateLimit
 from api.schemas import (
     ArtifactInfo,
@@ -258,13 +259,13 @@ def list_jobs(
     owner: OwnerDep,
     store: StoreDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs with this status.")] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page.")] = None,
+    limit: PageLimit = 20,
+    cursor: PageCursor = None,
 ) -> JobList:
     try:
         records, next_cursor = store.list_jobs(owner, status=status, cursor=cursor, limit=limit)
     except InvalidCursor:
-        raise validation_problem([FieldError(field="cursor", reason="not a cursor from this API")]) from None
+        raise invalid_cursor() from None
     return JobList(items=[to_public(r, request) for r in records], next_cursor=next_cursor)
 
 
