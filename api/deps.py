@@ -76,3 +76,8 @@ def get_owner(
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+def public_base(request: Request, settings: Settings) -> str:
+    """The scheme and host of absolute links: ``APP_PUBLIC_BASE_URL``, else the request's own."""
+    return settings.public_base_url or str(request.base_url).rstrip("/")

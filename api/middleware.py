@@ -15,6 +15,12 @@ from api.errors import problem_response
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def matches_route(scope: Scope, routes: Iterable[tuple[str, re.Pattern[str]]]) -> bool:
+    """Whether the request is one of ``routes`` (method, and a pattern the whole path matches)."""
+    path = scope.get("path", "")
+    return any(scope.get("method") == method and pattern.fullmatch(path) for method, pattern in routes)
+
+
 class BodySizeLimitMiddleware:
     """413 for a request body over ``max_bytes``: at once when Content-Length says so, otherwise
     as soon as the streamed (chunked) body passes the limit.
@@ -53,8 +59,7 @@ class BodySizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
     def _exempt(self, scope: Scope) -> bool:
-        path = scope.get("path", "")
-        return any(scope.get("method") == method and pattern.fullmatch(path) for method, pattern in self.exempt)
+        return matches_route(scope, self.exempt)
 
 
 class JsonBodyMiddleware:
@@ -82,8 +87,7 @@ class JsonBodyMiddleware:
         await self.app(scope, receive, send)
 
     def _reads_json(self, scope: Scope) -> bool:
-        path = scope.get("path", "")
-        return any(scope.get("method") == method and pattern.fullmatch(path) for method, pattern in self.routes)
+        return matches_route(scope, self.routes)
 
 
 class HeadBodyMiddleware:

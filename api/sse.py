@@ -103,9 +103,6 @@ class StreamSlots:
         if self._open[owner] <= 0:
             del self._open[owner]
 
-    def open_count(self, owner: str) -> int:
-        return self._open[owner]
-
 
 def stream_pool(
     redis_url: str, *, max_connections: int, block_s: float, timeout_s: float, prefix: str

@@ -25,7 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from api.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
+from api.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep, public_base
 from api.errors import ApiProblem, problem_responses, validation_problem
 from api.pagination import PageCursor, PageLimit, invalid_cursor
 from api.queue import enqueue_validation
@@ -71,7 +71,7 @@ def upload_info(record: DatasetRecord, request: Request, settings: Settings, sto
     presigned POST whose policy limits the size to the declared bytes where the store has them."""
     if record.status != UPLOADING:
         return None
-    base = settings.public_base_url or str(request.base_url).rstrip("/")
+    base = public_base(request, settings)
     post = storage.presigned_post(
         dataset_key(record.id), max_bytes=record.bytes, expires_s=settings.download_url_ttl_s
     )
@@ -93,6 +93,12 @@ def owned_dataset(store: JobStore, dataset_id: str, owner: str) -> DatasetRecord
     record = store.get_dataset(dataset_id)
     if record is None or record.owner != owner:
         raise ApiProblem(404, f"no dataset {dataset_id}", slug="dataset-not-found")
+    return record
+
+
+def uploading_dataset(store: JobStore, dataset_id: str, owner: str) -> DatasetRecord:
+    """The owner's dataset while it still waits for its file; 409 once the file was received."""
+    record = uploading_dataset(store, dataset_id, owner)
     return record
 
 
@@ -274,9 +280,7 @@ async def upload_dataset_content(
     storage: StorageDep,
     celery_app: CeleryDep,
 ) -> JSONResponse:
-    record = await run_in_threadpool(owned_dataset, store, dataset_id, owner)
-    if record.status != UPLOADING:
-        raise _not_uploading(record)
+    record = await run_in_threadpool(uploading_dataset, store, dataset_id, owner)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
         # Refused before a byte is read: the client learns at once that it sends the wrong file.

@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep
+from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep, public_base
 from api.errors import ApiProblem, problem_responses, validation_problem
 from api.pagination import PageCursor, PageLimit, invalid_cursor
 from api.ratelimit import SubmitRateLimit
@@ -406,7 +406,7 @@ def job_artifacts(
     if record.status != SUCCEEDED:
         raise ApiProblem(409, f"job {job_id} is {record.status}: artifacts exist once it succeeded",
                          slug="job-not-succeeded")
-    base = settings.public_base_url or str(request.base_url).rstrip("/")
+    base = public_base(request, settings)
     ttl = settings.download_url_ttl_s
     now = time.time()
     out = []
