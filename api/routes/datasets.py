@@ -98,7 +98,9 @@ def owned_dataset(store: JobStore, dataset_id: str, owner: str) -> DatasetRecord
 
 def uploading_dataset(store: JobStore, dataset_id: str, owner: str) -> DatasetRecord:
     """The owner's dataset while it still waits for its file; 409 once the file was received."""
-    record = uploading_dataset(store, dataset_id, owner)
+    record = owned_dataset(store, dataset_id, owner)
+    if record.status != UPLOADING:
+        raise _not_uploading(record)
     return record
 
 
@@ -315,9 +317,7 @@ def complete_dataset_upload(
     storage: StorageDep,
     celery_app: CeleryDep,
 ) -> JSONResponse:
-    record = owned_dataset(store, dataset_id, owner)
-    if record.status != UPLOADING:
-        raise _not_uploading(record)
+    record = uploading_dataset(store, dataset_id, owner)
     key = dataset_key(record.id)
     found = storage.stat(key)
     if found is None:
