@@ -252,12 +252,7 @@ class JobSpec(_Strict):
     def fingerprint(self, length: int = 16) -> str:
         """A stable hash of the spec (hex, ``length`` digits of its sha256): the engine refuses to
         resume a different run into a folder, the API matches Idempotency-Key retries with it."""
-        data = self.to_dict()
-        # Specs without an uploaded dataset keep the fingerprint they had before dataset.id existed
-        # (their checkpoints still resume).
-        if data["dataset"]["id"] is None:
-            del data["dataset"]["id"]
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
     @classmethod

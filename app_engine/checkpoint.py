@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from app_engine.errors import RunInputError
-from app_engine.files import atomic_write_json, private_folder, sha256_file, write_atomic
+from app_engine.files import atomic_write_json, private_folder, sha256_file, sha256_hex, write_atomic
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "sha256_file"]
 
@@ -45,9 +45,10 @@ def save_checkpoint(out_dir: Path, megabatch: int, state: dict[str, Any], spec_f
     path = folder / f"megabatch-{megabatch:04d}.pt"
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_atomic(path, buffer.getvalue())
-    entry = {"megabatch": megabatch, "file": f"{FOLDER}/{path.name}", "sha256": sha256_file(path),
-             "bytes": path.stat().st_size}
+    data = buffer.getvalue()
+    write_atomic(path, data)
+    # Hashed from the bytes in hand: reading the file back would only repeat them.
+    entry = {"megabatch": megabatch, "file": f"{FOLDER}/{path.name}", "sha256": sha256_hex(data), "bytes": len(data)}
     previous = [c for c in _read_record(out_dir).get("checkpoints", []) if c["megabatch"] < megabatch]
     kept = [*previous, entry][-KEEP:]
     atomic_write_json(out_dir / RECORD, {"spec_fingerprint": spec_fingerprint, "checkpoints": kept})
@@ -107,9 +108,10 @@ def _load_entry(out_dir: Path, entry: Any) -> dict[str, Any]:
     path = out_dir / str(entry["file"])
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
-    if sha256_file(path) != entry["sha256"]:
+    data = path.read_bytes()  # once: hashed, then loaded from memory
+    if sha256_hex(data) != entry["sha256"]:
         raise CheckpointError(f"{path}: sha256 does not match {RECORD} (damaged or changed after it was written)")
-    return _load(path)
+    return _load(path, data)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -123,12 +125,12 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {gist[:200]}" if gist else type(exc).__name__
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, data: bytes) -> dict[str, Any]:
     """Read one checkpoint file; any failure is one line naming the file (never torch's advice to
     unpickle arbitrary objects with ``weights_only=False``)."""
     try:
         # weights_only: tensors and plain containers only, never arbitrary objects.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # zip, pickle and torch's own errors: the file is unusable either way
         raise CheckpointError(f"{path}: not a loadable checkpoint ({_one_line(exc)})") from None
     if not isinstance(state, dict) or not {"megabatch", "model", "masks", "rng", "metrics"} <= state.keys():
