@@ -36,10 +36,10 @@ from anytime_prune.credentials import credentials_path as credentials_path
 from anytime_prune.credentials import read_credentials as read_credentials
 from anytime_prune.credentials import write_credentials as write_credentials
 from anytime_prune.upload import Progress, file_chunks, file_digest, multipart_form
+from app_common.public import API_PREFIX
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/api/v1"
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 DATASET_SETTLED = frozenset({"ready", "invalid"})

@@ -29,12 +29,12 @@ from api.queue import create_celery
 from api.ratelimit import SubmitRateLimit
 from api.routes import artifacts, catalog, datasets, health, jobs
 from api.sse import StreamSlots, event_stream_openapi, stream_pool
+from app_common.public import API_PREFIX
 from app_common.settings import Settings
 from app_common.store import JobStore, make_redis
 
 log = logging.getLogger(__name__)
 
-API_PREFIX = "/api/v1"
 
 
 def _version() -> str:

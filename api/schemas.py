@@ -10,7 +10,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from app_common.datasets import SHA256_PATTERN, DatasetFormat, DatasetRecord, DatasetState, DatasetStatus
-from app_common.jobs import ArtifactInfo, JobRecord, JobState, JobStatus, Progress
+from app_common.jobs import ArtifactInfo, JobStatus, Notify, Progress, Tracking
+from app_common.public import JobPublic, JobUrls
 from app_common.spec import FieldError, JobSpec
 
 __all__ = [
@@ -37,8 +38,17 @@ __all__ = [
     "UploadInfo",
 ]
 
-# The request body of POST /api/v1/jobs: the job spec itself.
-JobCreate = JobSpec
+class JobCreate(JobSpec):
+    """The request body of POST /api/v1/jobs: the job spec itself, plus the service's options
+    ``notify`` and ``tracking``, which are stored with the job but are not engine configuration
+    (they are not part of the spec, nor of its fingerprint)."""
+
+    notify: Notify | None = None
+    tracking: Tracking | None = None
+
+    def job_spec(self) -> JobSpec:
+        """The engine's spec: the body without the service options (fields set stay set)."""
+        return JobSpec.model_validate(self.model_dump(exclude={"notify", "tracking"}, exclude_unset=True))
 
 
 class Problem(BaseModel):
@@ -54,25 +64,6 @@ class Problem(BaseModel):
 class ArtifactPublic(ArtifactInfo):
     download_url: str = Field(description="Signed, expiring link; works without the API key.")
     expires_at: datetime
-
-
-class JobUrls(BaseModel):
-    self: str
-    events: str
-    metrics: str
-    artifacts: str
-    cancel: str
-
-
-class JobPublic(JobState[JobSpec]):
-    """A job as its owner sees it: the stored record without the owner, with links."""
-
-    urls: JobUrls
-
-    @classmethod
-    def from_record(cls, record: JobRecord, *, urls: JobUrls, artifacts: list[ArtifactInfo]) -> JobPublic:
-        fields: dict[str, Any] = {name: getattr(record, name) for name in JobState.model_fields}
-        return cls.model_validate(fields | {"spec": record.spec, "artifacts": artifacts, "urls": urls})
 
 
 class JobList(BaseModel):

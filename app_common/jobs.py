@@ -2,7 +2,7 @@
 
 :class:`JobRecord` is the one shape of a job inside the service: the store writes and returns it,
 the worker moves it through its lifecycle, and the API's public schema is derived from it
-(``api.schemas.JobPublic`` drops ``owner`` and adds links). :func:`progress_after` is the pure
+(:class:`app_common.public.JobPublic` drops ``owner`` and adds links). :func:`progress_after` is the pure
 arithmetic behind ``JobRecord.progress``: how far a run is after an engine event.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
 from app_common.events import STATUSES, TERMINAL_STATUSES, EpochEnded, Event, MegabatchEnded, RunStarted
 
@@ -58,6 +59,81 @@ class ArtifactInfo(BaseModel):
     sha256: str
 
 
+# --- service options: stored with the job, not part of the engine's JobSpec (nor its fingerprint) --
+WebhookEvent = Literal["started", "megabatch", "completed"]
+WEBHOOK_EVENTS: tuple[str, ...] = get_args(WebhookEvent)
+DEFAULT_MLFLOW_EXPERIMENT = "anytime-prune"
+
+
+def _default_events() -> list[WebhookEvent]:
+    return ["completed"]
+
+
+class Notify(BaseModel):
+    """Where and when to deliver the job's webhooks (signed with the API key's secret)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(
+        min_length=1, max_length=2048,
+        description="An http:// or https:// URL that receives a POST per event (Standard Webhooks). Addresses "
+        "that resolve to loopback, private or link-local networks are refused unless the server allows them.",
+    )
+    events: list[WebhookEvent] = Field(
+        default_factory=_default_events, min_length=1, max_length=len(WEBHOOK_EVENTS),
+        description="started: the job started running; megabatch: each megabatch finished; completed: the job "
+        "ended (succeeded, failed or cancelled).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # raises on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL: {exc}") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        if not parts.hostname:
+            raise ValueError("has no host name")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not contain credentials")
+        if port == 0:
+            raise ValueError("port 0 is not a port")
+        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+            raise ValueError("must not contain spaces or control characters")
+        return url
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, events: list[str]) -> list[str]:
+        if len(set(events)) != len(events):
+            raise ValueError("lists an event twice")
+        return events
+
+
+class Tracking(BaseModel):
+    """Experiment tracking of the job (MLflow, when the workers have MLFLOW_TRACKING_URI)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mlflow_experiment: str = Field(
+        default=DEFAULT_MLFLOW_EXPERIMENT, min_length=1, max_length=500, pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="The MLflow experiment the job's run goes to (created when missing).",
+    )
+
+
+class MlflowRun(BaseModel):
+    """The MLflow run that tracks a job (set by the worker once the run exists)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    experiment_id: str
+    url: str | None = Field(default=None, description="The run's page in the MLflow UI, when the server has one.")
+
+
 SpecT = TypeVar("SpecT")
 
 
@@ -84,6 +160,9 @@ class JobState(BaseModel, Generic[SpecT]):
     result: dict[str, Any] | None
     artifacts: list[ArtifactInfo]
     cancel_requested: bool
+    notify: Notify | None = Field(default=None, description="The job's webhooks, as submitted; null when none.")
+    tracking: Tracking | None = Field(default=None, description="Experiment tracking, as submitted; null when none.")
+    mlflow: MlflowRun | None = Field(default=None, description="The job's MLflow run, once a worker created it.")
     heartbeat_at: Timestamp | None = Field(
         default=None, description="When the worker running the job last renewed its lease (every lease TTL / 3)."
     )

@@ -18,9 +18,9 @@ from starlette.types import Receive, Scope, Send
 
 from api.deps import SecretDep, StorageDep, StoreDep
 from api.errors import ApiProblem, problem_response, problem_responses
-from api.routes.jobs import artifact_infos
 from api.signing import verify
 from app_common.events import SUCCEEDED
+from app_common.public import artifact_infos
 from app_common.storage import artifact_key
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])

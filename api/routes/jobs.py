@@ -20,7 +20,6 @@ from api.errors import ApiProblem, problem_responses, validation_problem
 from api.pagination import PageCursor, PageLimit, invalid_cursor
 from api.ratelimit import SubmitRateLimit
 from api.schemas import (
-    ArtifactInfo,
     ArtifactPublic,
     FieldError,
     JobCreate,
@@ -28,7 +27,6 @@ from api.schemas import (
     JobMetrics,
     JobPublic,
     JobStatus,
-    JobUrls,
 )
 from api.signing import signed_query
 from api.sse import StreamSlots, event_source
@@ -36,6 +34,7 @@ from app_common.datasets import READY
 from app_common.events import SUCCEEDED
 from app_common.jobs import JobRecord
 from app_common.paths import DataPathError, resolve_data_path
+from app_common.public import artifact_infos
 from app_common.settings import Settings
 from app_common.spec import JobSpec
 from app_common.storage import StorageError, artifact_key, job_prefix
@@ -61,36 +60,8 @@ IdempotencyKey = Annotated[
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def job_urls(request: Request, job_id: str) -> JobUrls:
-    """The job's links, from the routes themselves (wherever the router is mounted)."""
-
-    def path(route: str) -> str:
-        return str(request.app.url_path_for(route, job_id=job_id))
-
-    return JobUrls(
-        self=path("get_job"), events=path("job_events"), metrics=path("job_metrics"),
-        artifacts=path("job_artifacts"), cancel=path("cancel_job"),
-    )
-
-
-def artifact_infos(record: JobRecord) -> list[ArtifactInfo]:
-    """The record's artifacts that may be served: plain file names inside the job folder."""
-    out = []
-    for info in record.artifacts:
-        if _safe_name(info.name):
-            out.append(info)
-        else:
-            log.warning("job %s: ignoring artifact entry with unsafe name %r", record.id, info.name)
-    return out
-
-
-def _safe_name(name: str) -> bool:
-    """A plain file name inside the job folder: no separators, no parent, no hidden files."""
-    return bool(name) and "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
-
-
-def to_public(record: JobRecord, request: Request) -> JobPublic:
-    return JobPublic.from_record(record, urls=job_urls(request, record.id), artifacts=artifact_infos(record))
+def to_public(record: JobRecord) -> JobPublic:
+    return JobPublic.from_record(record)
 
 
 def owned_job(store: JobStore, job_id: str, owner: str) -> JobRecord:
@@ -180,18 +151,20 @@ def _job_created(body: dict[str, Any], *, replayed: bool = False) -> JSONRespons
     ),
 )
 def create_job(
-    spec: JobCreate,
+    body: JobCreate,
     request: Request,
     owner: OwnerDep,
     settings: SettingsDep,
     store: StoreDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
+    spec = body.job_spec()
     queue = check_server_limits(spec, settings)
     submit_limit: SubmitRateLimit | None = request.app.state.submit_limit
     if submit_limit is not None:
         submit_limit.check(owner)
-    # The validated spec with defaults filled, so two bodies that mean the same job match.
+    # The validated spec with defaults filled, so two bodies that mean the same job match (the
+    # service options notify and tracking are not part of it).
     fingerprint = spec.fingerprint(length=64)
     if idempotency_key is not None:
         previous = store.reserve_idempotency(owner, idempotency_key, fingerprint, settings.idempotency_ttl_s)
@@ -205,7 +178,7 @@ def create_job(
                                  slug="idempotency-in-progress", headers={"Retry-After": "1"})
             return _job_created(previous["response"]["body"], replayed=True)
     try:
-        record = _create_and_enqueue(with_uploaded_dataset(spec, owner, store), owner, queue, settings, store)
+        record = _create_and_enqueue(with_uploaded_dataset(spec, owner, store), body, owner, queue, settings, store)
     except BaseException:
         if idempotency_key is not None:
             try:
@@ -213,17 +186,22 @@ def create_job(
             except redis.exceptions.RedisError:
                 log.warning("could not release Idempotency-Key %r of %s", idempotency_key, owner)
         raise
-    body = to_public(record, request).model_dump(mode="json")
+    public = to_public(record).model_dump(mode="json")
     if idempotency_key is not None:
         store.complete_idempotency(
-            owner, idempotency_key, fingerprint, {"status_code": 202, "body": body}, settings.idempotency_ttl_s
+            owner, idempotency_key, fingerprint, {"status_code": 202, "body": public}, settings.idempotency_ttl_s
         )
-    return _job_created(body)
+    return _job_created(public)
 
 
-def _create_and_enqueue(spec: JobSpec, owner: str, queue: str, settings: Settings, store: JobStore) -> JobRecord:
+def _create_and_enqueue(
+    spec: JobSpec, options: JobCreate, owner: str, queue: str, settings: Settings, store: JobStore
+) -> JobRecord:
     try:
-        record = store.create_job(owner, spec.to_dict(), queue=queue, max_active=settings.max_concurrent_jobs_per_key)
+        record = store.create_job(
+            owner, spec.to_dict(), queue=queue, max_active=settings.max_concurrent_jobs_per_key,
+            notify=options.notify, tracking=options.tracking,
+        )
     except TooManyActiveJobs:
         raise ApiProblem(
             429,
@@ -266,7 +244,7 @@ def list_jobs(
         records, next_cursor = store.list_jobs(owner, status=status, cursor=cursor, limit=limit)
     except InvalidCursor:
         raise invalid_cursor() from None
-    return JobList(items=[to_public(r, request) for r in records], next_cursor=next_cursor)
+    return JobList(items=[to_public(r) for r in records], next_cursor=next_cursor)
 
 
 @router.get(
@@ -277,7 +255,7 @@ def list_jobs(
     responses=problem_responses(401, 404, 503),
 )
 def get_job(job_id: str, request: Request, owner: OwnerDep, store: StoreDep) -> JobPublic:
-    return to_public(owned_job(store, job_id, owner), request)
+    return to_public(owned_job(store, job_id, owner))
 
 
 @router.post(
@@ -307,7 +285,7 @@ def cancel_job(
         # Off its queue: a cancelled job never reaches a worker.
         store.unqueue_job(after.queue or settings.default_queue, owner, job_id)
     response.status_code = 200 if after.status == "cancelled" else 202
-    return to_public(after, request)
+    return to_public(after)
 
 
 @router.delete(

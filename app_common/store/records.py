@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from app_common.events import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, STATUSES, StatusChanged, event_to_dict
-from app_common.jobs import JOB_FIELDS, ArtifactInfo, JobRecord, Progress
+from app_common.jobs import JOB_FIELDS, ArtifactInfo, JobRecord, Notify, Progress, Tracking
 from app_common.store._common import (
     OWNER,
     JobNotFound,
@@ -130,7 +130,14 @@ def decode_record(raw: dict[str, str]) -> JobRecord | None:
 
 class RecordOps(StoreBase):
     def create_job(
-        self, owner: str, spec: dict[str, Any], *, queue: str, max_active: int | None = None
+        self,
+        owner: str,
+        spec: dict[str, Any],
+        *,
+        queue: str,
+        max_active: int | None = None,
+        notify: Notify | None = None,
+        tracking: Tracking | None = None,
     ) -> JobRecord:
         """Write a new job with status ``queued``; returns its record.
 
@@ -148,6 +155,7 @@ class RecordOps(StoreBase):
             id=job_id, owner=owner, spec=json.loads(dumps(spec)), status=QUEUED, queue=queue,
             created_at=now_dt, started_at=None, finished_at=None, updated_at=now_dt, error=None, attempt=0,
             progress=Progress.initial(spec), latest_metrics=None, result=None, artifacts=[], cancel_requested=False,
+            notify=notify, tracking=tracking,
         )
         stored = record.model_dump(mode="json") | {"created_at": now, "updated_at": now}
         pairs: list[str] = []

@@ -78,6 +78,7 @@ async def test_submit_stores_and_queues(api: Api) -> None:
         "events": f"/api/v1/jobs/{job_id}/events",
         "metrics": f"/api/v1/jobs/{job_id}/metrics",
         "artifacts": f"/api/v1/jobs/{job_id}/artifacts",
+        "models": f"/api/v1/jobs/{job_id}/models",
         "cancel": f"/api/v1/jobs/{job_id}/cancel",
     }
     assert job["status"] == "queued" and job["queue"] == "cpu" and job["attempt"] == 0
