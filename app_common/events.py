@@ -113,6 +113,23 @@ class CheckpointWritten:
 
 
 @dataclass(frozen=True)
+class ModelWritten:
+    """The model of a megabatch was kept (``export.keep_every_megabatch``): ``name`` is the model
+    file and ``files`` every file written for it (``{name, format, bytes, sha256}``: the model,
+    then its manifest), names relative to the run folder (``megabatch-0003/...``)."""
+
+    megabatch: int
+    name: str
+    bytes: int
+    sha256: str
+    density: float
+    target_density: float
+    test_accuracy: float
+    files: list[dict[str, Any]]
+    type: str = field(default="model_written", init=False)
+
+
+@dataclass(frozen=True)
 class RunEnded:
     cer: int
     final_test_accuracy: float
@@ -130,11 +147,15 @@ class StatusChanged:
     type: str = field(default="status_changed", init=False)
 
 
-Event = RunStarted | Pruned | EpochEnded | MegabatchEnded | CheckpointWritten | RunEnded | StatusChanged
+Event = (
+    RunStarted | Pruned | EpochEnded | MegabatchEnded | CheckpointWritten | ModelWritten | RunEnded | StatusChanged
+)
 
 EVENT_TYPES: dict[str, type] = {
     cls.type: cls
-    for cls in (RunStarted, Pruned, EpochEnded, MegabatchEnded, CheckpointWritten, RunEnded, StatusChanged)
+    for cls in (
+        RunStarted, Pruned, EpochEnded, MegabatchEnded, CheckpointWritten, ModelWritten, RunEnded, StatusChanged
+    )
 }
 # dataclass defaults of init=False fields are class attributes, so ``cls.type`` is the name above.
 

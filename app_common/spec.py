@@ -233,6 +233,11 @@ def _default_formats() -> list[ExportFormat]:
 
 class ExportSpec(_Strict):
     formats: list[ExportFormat] = Field(default_factory=_default_formats)
+    keep_every_megabatch: bool = Field(
+        True,
+        description="Keep the sparse model of every megabatch (megabatch-0003/model.sparse.safetensors and its "
+        "manifest), not only the final one.",
+    )
 
 
 class JobSpec(_Strict):

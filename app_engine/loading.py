@@ -39,6 +39,16 @@ FILE_FORMATS = {
 # load_model(source=...) -> the file it reads.
 SOURCE_FILES = {"sparse": SPARSE_FILE, "safetensors": MODEL_FILE}
 MODEL_INFO_KEYS = ("architecture", "input_shape", "num_classes", "mean", "std", "classes")
+# The model kept after each megabatch lives in its own folder (app_engine.megabatch_export), named
+# like the checkpoints; the service spells the same names in app_common.megabatch_models.
+MEGABATCH_FOLDER_PREFIX = "megabatch-"
+
+
+def megabatch_folder(index: int) -> str:
+    """``megabatch-0003``: the folder of megabatch 3's kept model, inside the run folder."""
+    if index < 1:
+        raise ValueError(f"megabatch must be at least 1, got {index}")
+    return f"{MEGABATCH_FOLDER_PREFIX}{index:04d}"
 MANIFEST_VERSION = 1
 
 
@@ -73,16 +83,32 @@ def read_verified(out_dir: str | os.PathLike[str], name: str, manifest: Mapping[
 
 
 def load_model(
-    out_dir: str | os.PathLike[str], *, source: Literal["sparse", "safetensors"] = "sparse"
+    out_dir: str | os.PathLike[str],
+    *,
+    source: Literal["sparse", "safetensors"] = "sparse",
+    megabatch: int | None = None,
 ) -> nn.Module:
     """Rebuild the exported model from ``out_dir``, in eval mode, on the CPU.
 
     ``source`` picks the file: ``sparse`` (model.sparse.safetensors) or ``safetensors``
     (model.safetensors); both give the same weights bit for bit. The file's sha256 is checked
     against manifest.json first; a mismatch raises ``ValueError`` naming the file.
+
+    ``megabatch`` loads the model kept after that megabatch instead of the final one: the folder
+    ``out_dir/megabatch-0003`` for 3 (``export.keep_every_megabatch``; only its sparse file is
+    kept). Such a folder, or one downloaded from the service, can also be given as ``out_dir``.
     """
     if source not in SOURCE_FILES:
         raise ValueError(f"source must be one of {', '.join(SOURCE_FILES)}, got {source!r}")
+    if megabatch is not None:
+        folder = Path(out_dir) / megabatch_folder(megabatch)
+        if not (folder / MANIFEST_FILE).is_file():
+            kept = sorted(p.parent.name for p in Path(out_dir).glob(f"{MEGABATCH_FOLDER_PREFIX}*/{MANIFEST_FILE}"))
+            raise FileNotFoundError(
+                f"{folder}: no model kept for megabatch {megabatch} "
+                f"(kept: {', '.join(kept) or 'none'}; was export.keep_every_megabatch off?)"
+            )
+        out_dir = folder
     manifest = read_manifest(out_dir)
     name = SOURCE_FILES[source]
     data = read_verified(out_dir, name, manifest)

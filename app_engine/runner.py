@@ -36,6 +36,7 @@ from app_common.events import (
     Event,
     MegabatchEnded,
     MegabatchMetrics,
+    ModelWritten,
     Pruned,
     RunEnded,
     RunStarted,
@@ -46,6 +47,7 @@ from app_engine.data import Dataset, load_dataset
 from app_engine.errors import SpecInputError
 from app_engine.export import export_artifacts
 from app_engine.files import atomic_write_json, private_folder
+from app_engine.megabatch_export import export_megabatch_model
 from app_engine.models import create_model, prunable_parameters
 from app_engine.pruning import Masks, prune
 from app_engine.schedule import PruneSchedule
@@ -159,6 +161,8 @@ class _State:
     masks: Masks
     records: list[MegabatchMetrics] = field(default_factory=list)
     optimizer_state: dict[str, Any] | None = None
+    # The kept model of each megabatch (export.keep_every_megabatch), as export_megabatch_model returns it.
+    models: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def done(self) -> int:
@@ -184,6 +188,7 @@ def _resume(state: _State, checkpoint: dict[str, Any], rt: Runtime) -> None:
     state.masks = state.masks.to(rt.device)
     state.masks.apply_(state.model)
     state.records = [MegabatchMetrics.from_dict(m) for m in json.loads(checkpoint["metrics"])]
+    state.models = json.loads(checkpoint.get("models", "[]"))
     state.optimizer_state = checkpoint.get("optimizer")
     _set_rng_state(checkpoint["rng"])
 
@@ -196,6 +201,7 @@ def _checkpoint(state: _State, t: int) -> dict[str, Any]:
         "masks": state.masks.state_dict(),
         "rng": _rng_state(),
         "metrics": json.dumps([r.to_dict() for r in state.records]),
+        "models": json.dumps(state.models),
     }
 
 
@@ -290,6 +296,7 @@ def run(
     x_test, y_test = data.x_test.to(rt.device), data.y_test.to(rt.device)
 
     state = _build(spec, data, rt)
+    info = model_info(spec, data)
     schedule = PruneSchedule.for_method(spec.method, sp.resolved_tau, st.megabatches)
     total_params = sum(p.numel() for p in state.model.parameters())
     if checkpoint is not None:
@@ -323,12 +330,20 @@ def run(
                 train=(x_train, y_train), test=(x_test, y_test), rt=rt, seed=tr.seed, started=t0,
             )
             state.records.append(record)
+            if spec.export.keep_every_megabatch:
+                # Before the checkpoint: a committed megabatch always has its model on disk.
+                state.models.append(export_megabatch_model(
+                    state.model, state.masks.state_dict(), out_dir, record=record, spec=submitted, model_info=info,
+                ))
             path = save_checkpoint(out_dir, t, _checkpoint(state, t), fingerprint)
             log.info(
                 "megabatch %d/%d: test accuracy %.4f, density %.4f, generalisation gap %+.2f pp (%.1fs)",
                 t, st.megabatches, record.test_accuracy, record.density, record.generalization_gap, record.wall_time_s,
             )
-            # Both events of a finished megabatch reach every callback before a stop takes effect.
+            # The events of a finished megabatch reach every callback before a stop takes effect.
+            if spec.export.keep_every_megabatch:
+                kept = state.models[-1]
+                emit(ModelWritten(megabatch=t, **{k: v for k, v in kept.items() if k != "index"}), defer_stop=True)
             emit(CheckpointWritten(megabatch=t, path=path.relative_to(out_dir).as_posix()), defer_stop=True)
             emit(MegabatchEnded(megabatch=t, megabatches=st.megabatches, metrics=record))
     except StopRun:
@@ -353,6 +368,7 @@ def _finish(
     records = state.records
     stopped = len(records) < spec.stream.megabatches
     result = _summary(spec, records, rt, stopped, emit.stop_reason)
+    result["megabatch_models"] = list(state.models)
     result["parameters"] = {"total": total_params, "prunable": state.masks.total(),
                             "nonzero": records[-1].nonzero_params if records else total_params}
     artifacts: dict[str, dict[str, Any]] = {}
@@ -364,6 +380,8 @@ def _finish(
         )
         sparse = artifacts.get("model.sparse.safetensors")
         result["sparse_model_bytes"] = sparse["bytes"] if sparse else None
+        for kept in state.models:  # written as the run went (a resumed run's earlier ones included)
+            artifacts.update({f["name"]: {"path": str(out_dir / f["name"]), **f} for f in kept["files"]})
     result["artifacts"] = {name: {k: v for k, v in a.items() if k != "path"} for name, a in artifacts.items()}
     result["wall_time_s"] = time.perf_counter() - started
     atomic_write_json(out_dir / "result.json", result)

@@ -98,7 +98,7 @@ def test_events_in_order(tmp_path):
     run(digits_spec("app", megabatches=2, epochs=2), tmp_path, callbacks=[events.append])
     kinds = [type(e).__name__ for e in events]
     assert kinds[0] == "RunStarted" and kinds[-1] == "RunEnded"
-    per_mb = ["Pruned", "EpochEnded", "EpochEnded", "CheckpointWritten", "MegabatchEnded"]
+    per_mb = ["Pruned", "EpochEnded", "EpochEnded", "ModelWritten", "CheckpointWritten", "MegabatchEnded"]
     assert kinds[1:-1] == per_mb * 2
     ended = [e for e in events if isinstance(e, MegabatchEnded)]
     assert [e.metrics.index for e in ended] == [1, 2]

@@ -18,7 +18,7 @@ from app_common.storage.base import (
     StorageError,
     StoredObject,
 )
-from app_common.storage.keys import artifact_key, dataset_key, job_prefix, job_work_prefix
+from app_common.storage.keys import artifact_key, dataset_key, job_prefix, job_work_prefix, models_index_key
 from app_common.storage.local import LocalStorage
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "dataset_key",
     "job_prefix",
     "job_work_prefix",
+    "models_index_key",
     "open_storage",
 ]
 

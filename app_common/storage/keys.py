@@ -20,5 +20,11 @@ def job_work_prefix(job_id: str) -> str:
 
 
 def artifact_key(job_id: str, name: str) -> str:
-    """One exported file of a finished job (``name`` is a plain file name)."""
+    """One exported file of a job: ``name`` is a plain file name, or a megabatch's kept file
+    (``megabatch-0003/model.sparse.safetensors``, see app_common.megabatch_models)."""
     return f"jobs/{job_id}/artifacts/{name}"
+
+
+def models_index_key(job_id: str) -> str:
+    """The list of a job's kept megabatch models (app_common.megabatch_models.ModelIndex)."""
+    return f"jobs/{job_id}/models.json"
