@@ -3,8 +3,8 @@
     uvicorn --factory api.main:create_app
 
 builds the settings from the environment; tests and ``anytime-prune serve`` pass their own.
-Everything lives under ``/api/v1`` except ``/healthz``, ``/readyz``, ``/metrics``, ``/docs`` and
-``/openapi.json``.
+Everything lives under ``/api/v1`` except ``/healthz``, ``/readyz``, ``/metrics``, ``/docs``,
+``/openapi.json`` and the dashboard (``/`` and its files under ``/dashboard/``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api import access_log
+from api.dashboard import install_dashboard
 from api.docs import install_docs
 from api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from api.metrics import ApiMetrics
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_docs(app)
+    install_dashboard(app)  # the browser UI at / (static files, not in the OpenAPI document)
     app.state.settings = settings
     app.state.store = store
     app.state.storage = settings.open_storage()

@@ -1,0 +1,232 @@
+"""The dashboard in a real Chromium against a real ``anytime-prune serve``: sign in, submit from the
+form, watch the accuracy curve gain a point at each megabatch without a reload, a field error for an
+invalid sparsity, cancel a running job, download the sparse model (sha256 checked), compare two jobs,
+and every page at 1280x800 and 390x844 loading nothing from any host but the API's.
+
+Jobs are tiny (digits, mlp, one epoch per megabatch); one server and one browser serve the module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from dashboard_support import DESKTOP, PHONE, Serve, Tab, open_tab, sign_in
+
+pytestmark = pytest.mark.browser
+
+TINY = {"dataset": {"name": "digits"}, "architecture": "mlp", "sparsity": {"target": 0.5},
+        "stream": {"megabatches": 2}, "training": {"epochs": 1, "precision": "fp32", "seed": 3}}
+# Hang guard for a tiny job: seconds each, minutes allowed.
+JOB_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def finished_pair(serve: Serve) -> Iterator[list[str]]:
+    """Two finished jobs on the same data: app and dense."""
+    with serve.client() as client:
+        ids = [client.submit({**TINY, "method": method})["id"] for method in ("app", "dense")]
+        for job_id in ids:
+            assert client.wait(job_id, timeout=JOB_TIMEOUT_S)["status"] == "succeeded", serve.output()
+    yield ids
+
+
+def api_requests(tab: Tab) -> list[Any]:
+    return [r for r in tab.requests if urlsplit(r.url).path.startswith("/api/v1/")]
+
+
+def test_sign_in_sends_the_key_as_a_bearer_header_never_in_a_url(tab: Tab, serve: Serve) -> None:
+    page = tab.page
+    page.goto(serve.url + "/")
+    page.fill("#api-key", "not-a-key")
+    page.click("#sign-in-button")
+    page.wait_for_selector("#api-key-error:not(:empty)")
+    assert "refused" in page.inner_text("#api-key-error")
+    assert page.get_attribute("#api-key", "aria-invalid") == "true"
+
+    key = serve.api_key
+    sign_in(tab, serve)
+    assert page.evaluate("sessionStorage.getItem('anytime-prune.api-key')") == key
+    assert page.evaluate("localStorage.length") == 0
+    page.reload()  # the tab keeps its key
+    page.wait_for_selector("#jobs-updated:not(:empty)")
+    calls = api_requests(tab)
+    assert calls
+    assert all(key not in r.url for r in tab.requests)
+    signed = [r for r in calls if r.headers.get("authorization") == f"Bearer {key}"]
+    assert len(signed) >= 2  # the list after sign-in and after the reload
+
+    page.click("#sign-out")
+    page.wait_for_selector("#api-key")
+    assert page.evaluate("sessionStorage.getItem('anytime-prune.api-key')") is None
+
+
+def test_an_invalid_sparsity_shows_the_servers_reason_next_to_the_field(tab: Tab, serve: Serve) -> None:
+    page = tab.page
+    sign_in(tab, serve)
+    with serve.client() as client:
+        before = len(client.list(limit=100))
+    page.click("nav a[data-nav=submit]")
+    page.wait_for_selector("#submit-form")
+    page.fill("#f-target", "1.5")
+    page.click("#submit-job")
+    error = page.wait_for_selector("#f-target-error:not(:empty)")
+    assert "less than 1" in error.inner_text()
+    assert page.get_attribute("#f-target", "aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "f-target"  # focus moves to the field
+    assert "f-target-error" in (page.get_attribute("#f-target", "aria-describedby") or "")
+    with serve.client() as client:
+        assert len(client.list(limit=100)) == before
+
+
+def test_submit_from_the_form_watch_the_curves_grow_live_and_download_the_sparse_model(
+    tab: Tab, serve: Serve
+) -> None:
+    page = tab.page
+    sign_in(tab, serve)
+    page.click("nav a[data-nav=submit]")
+    page.wait_for_selector("#submit-form")
+    page.select_option("#f-dataset", "name:digits")
+    page.select_option("#f-arch", "mlp")
+    page.select_option("#f-method", "app")
+    page.fill("#f-target", "0.5")
+    page.fill("#f-megabatches", "4")
+    page.fill("#f-epochs", "1")
+    page.fill("#f-seed", "3")
+    page.evaluate("window.__samePage = true")
+    page.click("#submit-job")
+    page.wait_for_url("**/#/jobs/*")
+    job_id = page.url.rsplit("/", 1)[1]
+    page.wait_for_selector("#megabatch-charts")
+    # Record the number of points of the accuracy curve each time the charts change.
+    page.evaluate("""() => {
+        window.__counts = [];
+        const count = () => document.querySelectorAll(
+            '[data-chart=accuracy] [data-series=test_accuracy] .pt').length;
+        const record = () => { const n = count(); if (window.__counts.at(-1) !== n) window.__counts.push(n); };
+        new MutationObserver(record).observe(document.getElementById('megabatch-charts'),
+            {childList: true, subtree: true});
+        record();
+    }""")
+    page.wait_for_selector("#job-status [data-status=succeeded]", timeout=JOB_TIMEOUT_S * 1000)
+    page.wait_for_function("window.__counts.at(-1) === 4")
+    counts = page.evaluate("window.__counts")
+    assert page.evaluate("window.__samePage") is True  # no reload happened
+    # One point more at each megabatch, the first ones drawn while the page watched.
+    assert counts == list(range(counts[0], 5)) and counts[0] < 4, counts
+    assert page.locator("#event-log li[data-type=megabatch_ended]").count() == 4
+    assert page.locator("#layer-density .bar").count() >= 2
+    assert page.locator("[data-chart=density] [data-series=density] .pt").count() == 4
+    assert page.locator("[data-chart=loss] [data-series=train_loss] .pt").count() == 4
+    page.wait_for_selector("#stream-state:has-text('finished')")
+
+    with serve.client() as client:
+        listed = {a["name"]: a for a in client.artifacts(job_id)}
+    link = page.wait_for_selector('#artifacts a[data-artifact="model.sparse.safetensors"]')
+    assert page.locator("#artifacts a[data-artifact]").count() == len(listed)
+    with page.expect_download() as download_info:
+        link.click()
+    download = download_info.value
+    assert download.suggested_filename == "model.sparse.safetensors"
+    digest = hashlib.sha256(Path(download.path()).read_bytes()).hexdigest()
+    assert digest == listed["model.sparse.safetensors"]["sha256"]
+    assert digest in page.inner_text("#artifacts")
+
+    # Every megabatch's model, where the server lists them (GET .../models); otherwise no table.
+    response = page.request.get(f"{serve.url}/api/v1/jobs/{job_id}/models",
+                                headers={"Authorization": f"Bearer {serve.api_key}"})
+    if response.ok:
+        page.wait_for_selector("#models-table")
+        assert page.locator("#models-table tbody tr").count() == 4
+    else:
+        assert page.locator("#models-table").count() == 0
+
+
+def test_compare_two_jobs(tab: Tab, serve: Serve, finished_pair: list[str]) -> None:
+    page = tab.page
+    sign_in(tab, serve)
+    for job_id in finished_pair:
+        page.check(f"#pick-{job_id}")
+    page.click("#compare-selected")
+    page.wait_for_selector("#compare-table tbody tr")
+    assert page.locator("#compare-table tbody tr").count() == 2
+    rows = {r.get_attribute("data-job"): r for r in page.query_selector_all("#compare-table tbody tr")}
+    with serve.client() as client:
+        for job_id in finished_pair:
+            result = client.status(job_id)["result"]
+            row = rows[job_id]
+            assert row.query_selector("[data-value=cer]").inner_text() == str(result["cer"])
+            assert row.query_selector("[data-value=density]").inner_text().startswith(
+                f"{result['final_density'] * 100:.1f}")
+    for job_id in finished_pair:  # one line each on the overlaid accuracy chart, 2 megabatches each
+        assert page.locator(f"[data-chart=compare-accuracy] [data-series='{job_id}'] .pt").count() == 2
+    assert page.locator("[data-chart=compare-accuracy] .legend li").count() == 2
+
+
+def test_cancel_a_running_job(tab: Tab, serve: Serve) -> None:
+    page = tab.page
+    sign_in(tab, serve)
+    long_spec = {**TINY, "stream": {"megabatches": 6}, "training": {"epochs": 30, "precision": "fp32", "seed": 3}}
+    with serve.client() as client:
+        job_id = client.submit(long_spec)["id"]
+        page.goto(f"{serve.url}/#/jobs/{job_id}")
+        page.wait_for_selector("#job-status [data-status=running]", timeout=JOB_TIMEOUT_S * 1000)
+        page.wait_for_selector("#event-log li[data-type=epoch_ended]", timeout=JOB_TIMEOUT_S * 1000)
+        page.click("#cancel-job")
+        page.wait_for_selector("#job-status [data-status=cancelled]", timeout=JOB_TIMEOUT_S * 1000)
+        assert client.status(job_id)["status"] == "cancelled"
+    assert page.locator("#cancel-job").is_hidden()
+    assert page.locator("#event-log li[data-type=status_changed]").count() >= 2
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280x800", "390x844"])
+def test_every_page_loads_only_from_the_api_host_at_both_sizes(
+    browser: Any, serve: Serve, finished_pair: list[str], viewport: dict[str, int], tmp_path: Path
+) -> None:
+    context, tab = open_tab(browser, viewport)
+    page = tab.page
+    size = f"{viewport['width']}x{viewport['height']}"
+    shots = []
+
+    def shot(name: str) -> None:
+        path = tmp_path / f"dashboard-{name}-{size}.png"
+        page.screenshot(path=str(path), full_page=True)
+        shots.append(path)
+        # At each size the page fits the window's width (no sideways scrolling).
+        assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"], name
+
+    try:
+        page.goto(serve.url + "/")
+        page.wait_for_selector("#api-key")
+        shot("sign-in")
+        sign_in(tab, serve)
+        page.wait_for_selector(f"#pick-{finished_pair[0]}")
+        shot("jobs")
+        page.click("nav a[data-nav=submit]")
+        page.wait_for_selector("#submit-form")
+        shot("submit")
+        page.goto(f"{serve.url}/#/jobs/{finished_pair[0]}")
+        page.wait_for_selector("#artifacts")
+        page.wait_for_selector("#stream-state:has-text('finished')")
+        shot("job")
+        page.goto(f"{serve.url}/#/compare?ids={','.join(finished_pair)}")
+        page.wait_for_selector("#compare-table tbody tr")
+        shot("compare")
+        page.goto(f"{serve.url}/#/compare")
+        page.wait_for_selector("#compare-picker input[type=checkbox]")
+    finally:
+        context.close()
+    for path in shots:
+        print(f"screenshot: {path}")
+    api = urlsplit(serve.url)
+    foreign = [r.url for r in tab.requests
+               if urlsplit(r.url).scheme not in ("data", "blob")
+               and (urlsplit(r.url).scheme, urlsplit(r.url).netloc) != (api.scheme, api.netloc)]
+    assert not foreign, foreign
+    assert len({urlsplit(r.url).path for r in tab.requests}) > 10  # the pages did load their parts
+    assert not tab.errors, tab.errors
+    assert not [c for c in tab.console if "Content Security Policy" in c], tab.console
