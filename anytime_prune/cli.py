@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         from anytime_prune.service_cli import add_service_commands
 
         add_service_commands(sub)
+        from anytime_prune.webhooks_cli import add_webhooks_command
+
+        add_webhooks_command(sub)
     return parser
 
 

@@ -286,6 +286,15 @@ class Client:
         catalog: dict[str, Any] = self._json("GET", f"{API_PREFIX}/catalog")
         return catalog
 
+    # --- webhooks -------------------------------------------------------------------------
+    def webhook_secret(self) -> str:
+        """The API key's webhook signing secret (``whsec_...``; created on first use)."""
+        return str(self._json("GET", f"{API_PREFIX}/webhooks/secret")["secret"])
+
+    def rotate_webhook_secret(self) -> str:
+        """Replace the API key's webhook signing secret; returns the new one."""
+        return str(self._json("POST", f"{API_PREFIX}/webhooks/secret/rotate")["secret"])
+
     # --- datasets -------------------------------------------------------------------------
     @staticmethod
     def _dataset_path(dataset_id: str, suffix: str = "") -> str:

@@ -118,6 +118,24 @@ class Settings(BaseSettings):
     sse_redis_connections: int = Field(
         64, ge=1, description="Redis connections the event streams of one API process share (a bounded pool)."
     )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook URLs that resolve to loopback, private, link-local or reserved addresses "
+        "(tests, on-premises receivers). Off: such URLs are refused at submit and again at delivery."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0.0, le=120.0, description="Timeout of one webhook delivery attempt.")
+    webhook_resolve_timeout_s: float = Field(
+        2.0, gt=0.0, le=30.0, description="Longest wait for the name resolution of a webhook URL's host."
+    )
+    webhook_retry_base_s: float = Field(
+        5.0, gt=0.0, description="Wait before the second delivery attempt; it doubles after each failed attempt."
+    )
+    webhook_retry_max_s: float = Field(600.0, gt=0.0, description="Longest wait between two delivery attempts.")
+    webhook_max_attempts: int = Field(
+        13, ge=1, le=100, description="Delivery attempts before a webhook is given up (defaults: about an hour)."
+    )
+    webhook_concurrency: int = Field(
+        8, ge=1, le=256, description="Deliveries one control worker makes at the same time."
+    )
 
     @field_validator("queues", mode="before")
     @classmethod

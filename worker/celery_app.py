@@ -15,6 +15,8 @@ Settings for hour-long, resumable jobs (DESIGN.md, "Job lifecycle"):
   by a worker that died unnoticed, and the reaper covers that case.
 - a reaper thread in the worker's main process re-enqueues jobs whose whole worker died
   (:mod:`worker.reaper`).
+- a control worker's main process also runs the webhook courier (:mod:`worker.courier`), which
+  delivers the jobs' webhooks off the training path.
 - fair dispatch: a training worker's main process pops the next job from the store's per-key
   queues whenever it has a free slot and sends it to its own direct queue (``worker_direct``);
   a message whose job is already finished is dropped there, before a child is forked
@@ -114,6 +116,10 @@ def _connect_worker_signals(app: Celery, settings: Settings) -> None:
         from worker.dispatcher import start_dispatcher
 
         state["dispatcher"] = start_dispatcher(app, settings, sender)
+        # The webhook courier: in control workers only, off the training path.
+        from worker.courier import start_courier
+
+        state["courier"] = start_courier(settings, app)
 
     def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
         # In the main process, before the pool sees the request (and forks a child for it).
@@ -132,7 +138,7 @@ def _connect_worker_signals(app: Celery, settings: Settings) -> None:
         drop_if_finished(store, request)
 
     def on_shutdown(sender: Any = None, **_: Any) -> None:
-        for name in ("dispatcher", "reaper"):
+        for name in ("courier", "dispatcher", "reaper"):
             thread = state.pop(name, None)
             if thread is not None:
                 thread.stop()

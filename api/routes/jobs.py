@@ -19,6 +19,7 @@ from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep, pub
 from api.errors import ApiProblem, problem_responses, validation_problem
 from api.pagination import PageCursor, PageLimit, invalid_cursor
 from api.ratelimit import SubmitRateLimit
+from api.routes.webhooks import check_notify_url
 from api.schemas import (
     ArtifactPublic,
     FieldError,
@@ -160,6 +161,7 @@ def create_job(
 ) -> JSONResponse:
     spec = body.job_spec()
     queue = check_server_limits(spec, settings)
+    check_notify_url(body.notify, settings)  # where webhooks may go (a name lookup, bounded in time)
     submit_limit: SubmitRateLimit | None = request.app.state.submit_limit
     if submit_limit is not None:
         submit_limit.check(owner)

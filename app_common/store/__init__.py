@@ -12,6 +12,7 @@ events. One module per concern, each with the Lua scripts it runs:
 - :mod:`~app_common.store.idempotency`: the API's Idempotency-Key records;
 - :mod:`~app_common.store.api_keys`: API keys;
 - :mod:`~app_common.store.datasets`: uploaded datasets' records and their status moves;
+- :mod:`~app_common.store.webhooks`: webhook signing secrets, the delivery outbox and its claims;
 - :mod:`~app_common.store._common`: the key layout, JSON encoding and the Redis client.
 
 Nothing outside this package names a Redis key. Torch-free; the client must be created with
@@ -45,6 +46,7 @@ from app_common.store.idempotency import IdempotencyOps
 from app_common.store.leases import LeaseOps
 from app_common.store.queues import QueueOps
 from app_common.store.records import RecordOps
+from app_common.store.webhooks import PendingDelivery, WebhookOps
 
 __all__ = [
     "JOB_FIELDS",
@@ -55,6 +57,7 @@ __all__ = [
     "JobNotFound",
     "JobStore",
     "KeyNames",
+    "PendingDelivery",
     "TooManyActiveJobs",
     "decode_entry",
     "hash_secret",
@@ -66,7 +69,7 @@ __all__ = [
 ]
 
 
-class JobStore(RecordOps, EventOps, LeaseOps, QueueOps, IdempotencyOps, ApiKeyOps, DatasetOps):
+class JobStore(RecordOps, EventOps, LeaseOps, QueueOps, IdempotencyOps, ApiKeyOps, DatasetOps, WebhookOps):
     """Redis-backed jobs, events, leases, API keys and datasets. One instance per process; thread-safe (the
     redis client pools connections)."""
 

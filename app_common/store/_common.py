@@ -21,6 +21,11 @@ Key layout under the prefix ``p`` (see docs/SERVICE_CONTRACTS.md)::
     {p}:dispatch:{queue}:turn    string dispatch counter of the queue
     {p}:dispatch:sent            zset   job ids handed to a worker, score = ms (until the job starts)
     {p}:ratelimit:...            the `limits` library's counters (API submission rate limit)
+    {p}:webhook:secrets          hash   owner (API key id) -> webhook signing secret (whsec_...)
+    {p}:webhook:msg:{msg_id}     hash   one pending webhook delivery (see app_common.store.webhooks)
+    {p}:webhook:due              zset   pending delivery ids, score = next attempt time in ms
+    {p}:webhook:claimed          zset   delivery ids a courier holds, score = claim expiry in ms
+    {p}:job:{id}:deliveries      list   the job's delivery attempts (JSON), newest first, bounded
 """
 
 from __future__ import annotations
@@ -173,6 +178,24 @@ class KeyNames:
     @property
     def dispatch_sent(self) -> str:
         return f"{self.prefix}:dispatch:sent"
+
+    @property
+    def webhook_secrets(self) -> str:
+        return f"{self.prefix}:webhook:secrets"
+
+    def webhook_message(self, msg_id: str) -> str:
+        return f"{self.prefix}:webhook:msg:{msg_id}"
+
+    @property
+    def webhook_due(self) -> str:
+        return f"{self.prefix}:webhook:due"
+
+    @property
+    def webhook_claimed(self) -> str:
+        return f"{self.prefix}:webhook:claimed"
+
+    def deliveries(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:deliveries"
 
     @property
     def rate_limits(self) -> str:

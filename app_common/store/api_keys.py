@@ -35,6 +35,7 @@ class ApiKeyOps(StoreBase):
     def revoke_key(self, key_id: str) -> bool:
         for digest, raw in self.redis.hgetall(self.names.api_keys).items():
             if json.loads(raw)["key_id"] == key_id:
+                self.redis.hdel(self.names.webhook_secrets, key_id)  # its webhook signing secret
                 return bool(self.redis.hdel(self.names.api_keys, digest))
         return False
 

@@ -18,11 +18,14 @@ from redis.retry import Retry
 from app_common.events import EVENT_TYPES, EpochEnded, Event, MegabatchEnded, event_to_dict
 from app_common.jobs import PROGRESS_EVENTS, Progress, progress_after
 from app_common.store._common import KeyNames, StoreBase, decode_entry, dumps, is_job_id, utc_now
+from app_common.store.webhooks import ENQUEUE_WEBHOOK_LUA, now_ms
+from app_common.webhooks import new_message_id
 
-_APPEND = """
+_APPEND = ENQUEUE_WEBHOOK_LUA + """
 -- KEYS: job, events, history hash
 -- ARGV: maxlen, type, event JSON, history mode ('' | 'nx' | 'set'), history field, history value,
---       then job field/value pairs to set
+--       prefix, job id, webhook-id ('' = none), now ms, now ISO, megabatch part JSON (a 'megabatch'
+--       delivery, when the job's notify asks for it), then job field/value pairs to set
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if ARGV[4] == 'nx' then
   if redis.call('HSETNX', KEYS[3], ARGV[5], ARGV[6]) == 0 then return false end
@@ -30,11 +33,12 @@ elseif ARGV[4] == 'set' then
   redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[2], 'data', ARGV[3])
-if #ARGV > 6 then
+if #ARGV > 12 then
   local fields = {}
-  for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
 end
+if ARGV[4] == 'nx' then enqueue_webhook(ARGV[7], ARGV[8], 'megabatch', ARGV[9], ARGV[10], ARGV[11], ARGV[12]) end
 return id
 """
 
@@ -76,6 +80,7 @@ class EventOps(StoreBase):
             return None
         wire = event_to_dict(event)
         mode, hfield, hvalue, history_key = "", "", "", self.names.megabatches(job_id)
+        msg_id, webhook_part = "", ""
         updates: dict[str, Any] = {}
         if isinstance(event, EpochEnded):
             mode, history_key, hfield = "set", self.names.epochs(job_id), f"{event.megabatch}:{event.epoch}"
@@ -85,16 +90,19 @@ class EventOps(StoreBase):
             metrics = dict(wire["metrics"])
             metrics.setdefault("megabatch", event.megabatch)
             mode, hfield, hvalue = "nx", str(event.megabatch), dumps(metrics)
+            # A 'megabatch' webhook, queued by the script when the job's notify asks for it.
+            msg_id, webhook_part = new_message_id(), dumps({"index": event.megabatch, "metrics": wire["metrics"]})
             updates["latest_metrics"] = metrics
         if isinstance(event, PROGRESS_EVENTS):
             updates["progress"] = progress_after(Progress.model_validate_json(raw_progress), event).model_dump()
-        updates["updated_at"] = utc_now()
+        now = updates["updated_at"] = utc_now()
         pairs: list[str] = []
         for name, value in updates.items():
             pairs += [name, dumps(value)]
         entry_id = self._script(_APPEND)(
             keys=[self.names.job(job_id), self.names.events(job_id), history_key],
-            args=[self.events_maxlen, event.type, dumps(wire), mode, hfield, hvalue, *pairs],
+            args=[self.events_maxlen, event.type, dumps(wire), mode, hfield, hvalue,
+                  self.prefix, job_id, msg_id, now_ms(), now, webhook_part, *pairs],
         )
         return str(entry_id) if entry_id else None
 

@@ -26,6 +26,8 @@ from app_common.store._common import (
     is_job_id,
     utc_now,
 )
+from app_common.store.webhooks import ENQUEUE_WEBHOOK_LUA, now_ms
+from app_common.webhooks import new_message_id
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,12 @@ end
 _TRANSITION = (
     _TERMINAL_LUA
     + _MOVE_LUA
+    + ENQUEUE_WEBHOOK_LUA
     + """
 -- KEYS: job, events
--- ARGV: prefix, id, to, now (JSON), maxlen, event JSON, error JSON ('' = keep), allowed (comma list)
+-- ARGV: prefix, id, to, now (JSON), maxlen, event JSON, error JSON ('' = keep), allowed (comma list),
+--       webhook-id, now ms (a delivery of 'started' on the first move to running, of 'completed'
+--       on a terminal move, when the job's notify asks for it)
 local raw = redis.call('HGET', KEYS[1], 'status')
 if not raw then return 0 end
 local cur = cjson.decode(raw)
@@ -74,11 +79,18 @@ for s in string.gmatch(ARGV[8], '[^,]+') do
 end
 if not allowed then return 0 end
 local owner = cjson.decode(redis.call('HGET', KEYS[1], 'owner'))
+local first_start = false
 if ARGV[3] == 'running' and redis.call('HGET', KEYS[1], 'started_at') == 'null' then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[4])
+  first_start = true
 end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
 move(ARGV[1], ARGV[2], owner, cur, ARGV[3], ARGV[4], ARGV[5], KEYS[2], ARGV[6])
+if terminal[ARGV[3]] then
+  enqueue_webhook(ARGV[1], ARGV[2], 'completed', ARGV[9], ARGV[10], cjson.decode(ARGV[4]), '')
+elseif first_start then
+  enqueue_webhook(ARGV[1], ARGV[2], 'started', ARGV[9], ARGV[10], cjson.decode(ARGV[4]), '')
+end
 return 1
 """
 )
@@ -86,9 +98,11 @@ return 1
 _CANCEL = (
     _TERMINAL_LUA
     + _MOVE_LUA
+    + ENQUEUE_WEBHOOK_LUA
     + """
 -- KEYS: job, events
--- ARGV: prefix, id, now (JSON), maxlen, event JSON for queued->cancelled, event JSON for ->cancelling
+-- ARGV: prefix, id, now (JSON), maxlen, event JSON for queued->cancelled, event JSON for ->cancelling,
+--       webhook-id, now ms (a 'completed' delivery for queued->cancelled)
 local raw = redis.call('HGET', KEYS[1], 'status')
 if not raw then return -1 end
 local cur = cjson.decode(raw)
@@ -97,6 +111,7 @@ redis.call('HSET', KEYS[1], 'cancel_requested', 'true', 'updated_at', ARGV[3])
 local owner = cjson.decode(redis.call('HGET', KEYS[1], 'owner'))
 if cur == 'queued' then
   move(ARGV[1], ARGV[2], owner, cur, 'cancelled', ARGV[3], ARGV[4], KEYS[2], ARGV[5])
+  enqueue_webhook(ARGV[1], ARGV[2], 'completed', ARGV[7], ARGV[8], cjson.decode(ARGV[3]), '')
 elseif cur == 'running' then
   move(ARGV[1], ARGV[2], owner, cur, 'cancelling', ARGV[3], ARGV[4], KEYS[2], ARGV[6])
 end
@@ -237,7 +252,9 @@ class RecordOps(StoreBase):
 
         Sets ``started_at`` on the first move to running, ``finished_at`` on a terminal status,
         ``error`` = ``reason`` on ``failed``, and appends a ``status_changed`` event. Terminal
-        statuses never change. Returns False (and changes nothing) otherwise.
+        statuses never change. Returns False (and changes nothing) otherwise. In the same script,
+        queues the webhook the job's ``notify`` asks for: ``started`` on the first move to running
+        only (a resume after a lost worker sends none), ``completed`` on any terminal status.
         """
         if to_status not in STATUSES:
             raise ValueError(f"unknown status {to_status!r}")
@@ -258,6 +275,8 @@ class RecordOps(StoreBase):
                 _status_event(to_status, reason),
                 error,
                 ",".join(sorted(allowed)),
+                new_message_id(),
+                now_ms(),
             ],
         )
         if done:
@@ -279,6 +298,8 @@ class RecordOps(StoreBase):
                 self.events_maxlen,
                 _status_event(CANCELLED, "cancelled before it started"),
                 _status_event(CANCELLING, "cancel requested"),
+                new_message_id(),
+                now_ms(),
             ],
         )
         return self.get_job(job_id)
@@ -309,7 +330,7 @@ class RecordOps(StoreBase):
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(
             names.job(job_id), names.events(job_id), names.megabatches(job_id), names.epochs(job_id),
-            names.lease(job_id),
+            names.lease(job_id), names.deliveries(job_id),
         )
         pipe.zrem(names.owner_jobs(job.owner), job_id)
         pipe.srem(names.owner_active(job.owner), job_id)

@@ -34,6 +34,8 @@ def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
         max_concurrent_jobs_per_key=3,
         max_body_bytes=4096,
         sse_heartbeat_s=0.2,
+        # Tests' webhook receivers listen on 127.0.0.1 (test_api_webhooks.py checks the refusal).
+        webhook_allow_private=True,
     )
 
 
