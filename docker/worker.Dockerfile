@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # A worker: Celery + the APP engine on a CUDA PyTorch base. One worker runs one job at a time:
-# run one container per GPU (docker compose gives each a GPU reservation).
+# run one container per GPU (docker compose gives each a GPU reservation). The same image runs
+# the control worker, so it has the extras of both: webhooks (the control worker signs and sends
+# the jobs' webhooks) and mlflow (training workers log each job to MLFLOW_TRACKING_URI when set).
 #   docker build -f docker/worker.Dockerfile -t anytime-prune-worker .
 # The base's torch (CUDA 12.4 build) satisfies the project's torch range and is kept as it is.
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
@@ -19,9 +21,10 @@ COPY anytime_prune ./anytime_prune
 # Pin torch to the version already installed, so resolving the project's dependencies can never
 # replace the CUDA build with a CPU wheel from PyPI.
 RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/keep-torch.txt \
-    && pip install --constraint /tmp/keep-torch.txt ".[worker,s3]" \
+    && pip install --constraint /tmp/keep-torch.txt ".[worker,s3,webhooks,mlflow]" \
     && python -c "import torch, worker.celery_app, app_engine.runner; print('torch', torch.__version__)" \
     && python -c "import boto3, app_common.storage.s3" \
+    && python -c "import standardwebhooks, worker.courier, mlflow" \
     && useradd --create-home --uid 10001 app \
     && mkdir -p /data/work /data/cache /data/storage /data/datasets \
     && chown -R app:app /data

@@ -6,7 +6,8 @@ Every file they copy or mount exists (and is not excluded from the build context
 ``anytime-prune`` command they run parses with the real argument parser, every setting the
 application reads is passed, the API and the workers share no volume (every file goes through
 the object store), the API image installs the project with its torch-free ``api`` and ``s3``
-extras, and the worker image installs ``worker`` and ``s3`` on a CUDA base whose torch it keeps.
+extras, and the worker image installs ``worker``, ``s3``, ``webhooks`` (the control worker's
+courier) and ``mlflow`` on a CUDA base whose torch it keeps.
 The store's start script and the bucket script run for real, against SeaweedFS from PyPI.
 """
 
@@ -507,15 +508,15 @@ def test_worker_image_builds_on_a_cuda_pytorch_base_and_keeps_its_torch() -> Non
     base = dockerfile.one("FROM")
     match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn(\d+)-runtime", base)
     assert match, f"not a CUDA PyTorch base image: {base}"
-    requested = project_requirements({"worker", "s3"})
+    requested = project_requirements({"worker", "s3", "webhooks", "mlflow"})
     torch_req = next(r for r in requested if r.name == "torch")  # through the worker extra's engine extra
     assert Version(match.group(1)) in torch_req.specifier, f"{base}'s torch does not satisfy {torch_req}"
     closure = dependency_closure(requested)
-    assert {"torch", "celery", "redis", "safetensors", "httpx", "boto3"} <= closure
+    assert {"torch", "celery", "redis", "safetensors", "httpx", "boto3", "standardwebhooks", "mlflow-skinny"} <= closure
     assert {"app_common", "app_engine", "worker", "anytime_prune", "pyproject.toml"} <= set(dockerfile.copy_sources())
     installs = pip_installs(dockerfile)
     assert len(installs) == 1 and "--no-deps" not in installs[0]
-    assert re.fullmatch(r"pip install --constraint (\S+) \"\.\[worker,s3\]\"", installs[0]), installs
+    assert re.fullmatch(r"pip install --constraint (\S+) \"\.\[worker,s3,webhooks,mlflow\]\"", installs[0]), installs
     run = " ".join(dockerfile.all("RUN"))
     constraint = installs[0].split()[3]
     # The constraint pins the base's torch, written just before the install.
