@@ -28,7 +28,7 @@ from api.metrics import ApiMetrics
 from api.middleware import BodySizeLimitMiddleware, HeadBodyMiddleware, JsonBodyMiddleware, RequestMetricsMiddleware
 from api.queue import create_celery
 from api.ratelimit import SubmitRateLimit
-from api.routes import artifacts, catalog, datasets, health, jobs, webhooks
+from api.routes import artifacts, catalog, datasets, health, jobs, models, webhooks
 from api.sse import StreamSlots, event_stream_openapi, stream_pool
 from app_common.public import API_PREFIX
 from app_common.settings import Settings
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(jobs.router, prefix=API_PREFIX)
     app.include_router(artifacts.router, prefix=API_PREFIX)
+    app.include_router(models.router, prefix=API_PREFIX)
     app.include_router(datasets.router, prefix=API_PREFIX)
     app.include_router(catalog.router, prefix=API_PREFIX)
     app.include_router(webhooks.router, prefix=API_PREFIX)

@@ -9,17 +9,19 @@ With ``export.keep_every_megabatch`` (the default) the engine writes, after mega
 so ``load_model(run_dir / "megabatch-0003")`` (or ``load_model(run_dir, megabatch=3)``) rebuilds it.
 Names are relative to the run folder, four digits at least (like the checkpoints). The worker
 uploads both files as artifacts as soon as they are written, then rewrites the job's model index
-(a :class:`ModelIndex` at ``app_common.storage.models_index_key``): the API lists the models of a running job from it.
-Torch-free: the engine, the worker and the API share these names.
+(a :class:`ModelIndex` at ``app_common.storage.models_index_key``, read by
+:func:`read_model_index`): the API lists the models of a running job from it.
+Torch-free: the worker and the API share it (the engine spells the same names in app_engine.loading).
 """
 
 from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app_common.jobs import ArtifactInfo
+from app_common.storage import Storage, StorageError, models_index_key
 
 MODEL_NAME = "model.sparse.safetensors"
 MANIFEST_NAME = "manifest.json"
@@ -108,3 +110,16 @@ def best_model(
     if max_density is not None:
         return max(fits, key=lambda m: (m.test_accuracy, -m.density, m.index))
     return max(fits, key=lambda m: (-m.density, m.test_accuracy, m.index))
+
+
+def read_model_index(storage: Storage, job_id: str) -> ModelIndex:
+    """The job's kept models as the store lists them (empty when it lists none yet). Raises
+    :class:`~app_common.storage.StorageError` when the store cannot be read or the index is damaged."""
+    try:
+        raw = b"".join(storage.iter_chunks(models_index_key(job_id)))
+    except KeyError:  # ObjectNotFound: no model kept yet
+        return ModelIndex()
+    try:
+        return ModelIndex.model_validate_json(raw)
+    except ValidationError as exc:
+        raise StorageError(f"job {job_id}: the stored model index is unreadable ({exc.error_count()} errors)") from None

@@ -15,6 +15,7 @@ from urllib.parse import quote
 from pydantic import BaseModel
 
 from app_common.jobs import ArtifactInfo, JobRecord, JobState
+from app_common.megabatch_models import megabatch_of
 from app_common.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,11 @@ class JobUrls(BaseModel):
 
 
 def safe_artifact_name(name: str) -> bool:
-    """A plain file name inside the job folder: no separators, no parent, no hidden files."""
+    """A plain file name inside the job folder (no separators, no parent, no hidden files), or one
+    of a megabatch's kept files (``megabatch-0003/model.sparse.safetensors``, nothing else with a
+    folder: see app_common.megabatch_models)."""
+    if megabatch_of(name) is not None:
+        return True
     return bool(name) and "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
 
 

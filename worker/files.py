@@ -10,8 +10,12 @@ truth, so that a worker on any host resumes the job:
   checkpoint file, then ``checkpoint.json`` (data before its commit record: a worker that dies in
   between leaves the previous record valid), then deletes the store's checkpoints the record no
   longer names;
+- after each ``ModelWritten`` event (``export.keep_every_megabatch``) it uploads that megabatch's
+  model and manifest as artifacts (``megabatch-0003/...``), then rewrites the job's model index
+  (:func:`~app_common.storage.models_index_key`, read back by :meth:`~RunFolderMirror.fetch` on
+  resume), so the models of a running job are listed and downloadable as soon as they exist;
 - after a completed run, :meth:`~RunFolderMirror.upload_artifacts` stores each exported file at
-  :func:`~app_common.storage.artifact_key`.
+  :func:`~app_common.storage.artifact_key` (the megabatch models already there are not sent again).
 
 A storage error raises out of the callback and so out of the run: the delivery is retried, and
 the retry resumes from the last checkpoint in the store.
@@ -26,8 +30,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from app_common.events import CheckpointWritten, Event
-from app_common.storage import Storage, StorageError, artifact_key, job_work_prefix
+from app_common.events import CheckpointWritten, Event, ModelWritten
+from app_common.jobs import ArtifactInfo
+from app_common.megabatch_models import MegabatchModel, ModelIndex, megabatch_of, read_model_index
+from app_common.storage import Storage, StorageError, artifact_key, job_work_prefix, models_index_key
 from app_common.storage.base import check_key
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,7 @@ class RunFolderMirror:
         self.prefix = job_work_prefix(job_id)
         self.interrupt = interrupt
         self.uploads = 0
+        self.models = ModelIndex()
 
     def fetch(self) -> int | None:
         """Start from the store's checkpoints in an empty local folder; returns the newest
@@ -65,6 +72,7 @@ class RunFolderMirror:
         record_name, folder = _layout()
         discard_local(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.models = read_model_index(self.storage, self.job_id)
         try:
             raw = b"".join(self.storage.iter_chunks(self.prefix + record_name))
         except KeyError:  # ObjectNotFound: nothing was checkpointed yet
@@ -80,11 +88,28 @@ class RunFolderMirror:
         return int(newest) if newest is not None else None
 
     def __call__(self, event: Event) -> None:
-        if not isinstance(event, CheckpointWritten):
+        if not isinstance(event, CheckpointWritten | ModelWritten):
             return
         if self.interrupt is not None and self.interrupt() is not None:
             return  # the sink stops the run at this very event
-        self.push_checkpoint(Path(event.path))
+        if isinstance(event, ModelWritten):
+            self.push_model(event)
+        else:
+            self.push_checkpoint(Path(event.path))
+
+    def push_model(self, event: ModelWritten) -> None:
+        """Upload a megabatch's kept files, then the model index naming them (data before the
+        record that lists it: a listed model is always in the store)."""
+        files = [ArtifactInfo.model_validate(f) for f in event.files]
+        for info in files:
+            if megabatch_of(info.name) != event.megabatch:
+                raise StorageError(f"megabatch {event.megabatch}: {info.name!r} is not one of its model's files")
+            self.storage.put_file(artifact_key(self.job_id, info.name), self.out_dir / info.name)
+        entry = MegabatchModel(index=event.megabatch, density=event.density, target_density=event.target_density,
+                               test_accuracy=event.test_accuracy, name=event.name, bytes=event.bytes,
+                               sha256=event.sha256, files=files)
+        self.models = self.models.with_model(entry)
+        self.storage.put_stream(models_index_key(self.job_id), [self.models.model_dump_json(indent=1).encode()])
 
     def push_checkpoint(self, newest: Path) -> None:
         """Upload ``newest`` (a file in the folder's checkpoint folder), any other checkpoint the
@@ -105,8 +130,13 @@ class RunFolderMirror:
         self.uploads += 1
 
     def upload_artifacts(self, artifacts: Mapping[str, Mapping[str, Any]]) -> None:
-        """Store each exported file (``name -> {"path", ...}`` as the engine returns them)."""
+        """Store each exported file (``name -> {"path", ...}`` as the engine returns them), but for
+        the megabatch models already stored as they were written (an earlier attempt's among them,
+        which this host never had)."""
         for name, info in artifacts.items():
+            stored = self.models.file(name)
+            if stored is not None and stored.sha256 == info.get("sha256"):
+                continue
             self.storage.put_file(artifact_key(self.job_id, name), Path(info["path"]))
 
 

@@ -18,8 +18,10 @@ from starlette.types import Receive, Scope, Send
 
 from api.deps import SecretDep, StorageDep, StoreDep
 from api.errors import ApiProblem, problem_response, problem_responses
+from api.routes.models import stored_models
 from api.signing import verify
 from app_common.events import SUCCEEDED
+from app_common.megabatch_models import megabatch_of
 from app_common.public import artifact_infos
 from app_common.storage import artifact_key
 
@@ -69,7 +71,7 @@ _BINARY: dict[str, Any] = {"application/octet-stream": {"schema": {"type": "stri
 
 
 @router.get(
-    "/{job_id}/{name}",
+    "/{job_id}/{name:path}",
     operation_id="download_artifact",
     summary="Download one file of a job through a signed link",
     response_class=FileResponse,
@@ -80,7 +82,7 @@ _BINARY: dict[str, Any] = {"application/octet-stream": {"schema": {"type": "stri
         **problem_responses(403, 404, 416, 422),
     },
 )
-@router.head("/{job_id}/{name}", include_in_schema=False)  # the headers of GET (FileResponse sends no body)
+@router.head("/{job_id}/{name:path}", include_in_schema=False)  # the headers of GET (FileResponse sends no body)
 async def download_artifact(
     job_id: str,
     name: str,
@@ -94,18 +96,23 @@ async def download_artifact(
     if (why := verify(secret, job_id, name, expires, sig)) is not None:
         raise ApiProblem(403, f"download link refused: {why}", slug="bad-download-link")
     record = await run_in_threadpool(store.get_job, job_id)
-    if record is None or record.status != SUCCEEDED:
+    kept = megabatch_of(name) is not None  # a megabatch's model: served while the job runs too
+    if record is None or (record.status != SUCCEEDED and not kept):
         raise ApiProblem(404, f"no artifacts for job {job_id}", slug="artifact-not-found")
     # Only files the worker listed can be served: a signed name still cannot reach other paths.
-    info = next((a for a in artifact_infos(record) if a.name == name), None)
+    if kept:
+        info = (await run_in_threadpool(stored_models, storage, job_id)).file(name)
+    else:
+        info = next((a for a in artifact_infos(record) if a.name == name), None)
     missing = ApiProblem(404, f"job {job_id} has no artifact {name!r}", slug="artifact-not-found")
     if info is None:
         raise missing
-    # artifact_infos admits plain file names only, so the key stays inside the job's files.
+    # Listed names are plain file names or a megabatch's two files, so the key stays inside the job's files.
     path = storage.local_path(artifact_key(job_id, name))
     if path is None or not path.is_file():
         raise missing
     headers = {"ETag": f'"{info.sha256}"', "Cache-Control": "private, max-age=60"}
     if if_none_match is not None and _etag_matches(if_none_match, headers["ETag"]):
         return Response(status_code=304, headers=headers)
-    return _Download(path, media_type=media_type_for(name), filename=name, headers=headers, stat_result=path.stat())
+    return _Download(path, media_type=media_type_for(name), filename=name.replace("/", "-"), headers=headers,
+                     stat_result=path.stat())

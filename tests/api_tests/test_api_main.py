@@ -25,6 +25,7 @@ async def test_openapi_document(api: Api) -> None:
         "job_artifacts", "download_artifact", "catalog", "healthz", "readyz", "prometheus_metrics",
         "create_dataset", "upload_dataset_content", "complete_dataset_upload", "list_datasets", "get_dataset",
         "delete_dataset",
+        "job_models", "best_job_model",
     }
     assert all(p.startswith("/api/v1/") or p in ("/healthz", "/readyz", "/metrics") for p in doc["paths"])
     create = doc["paths"]["/api/v1/jobs"]["post"]

@@ -1,0 +1,155 @@
+"""/api/v1/jobs/{id}/models: the model kept after every megabatch, listed and chosen.
+
+"Anytime" means a usable model after every megabatch: with ``export.keep_every_megabatch`` (on by
+default) the worker stores each megabatch's sparse model and manifest as soon as they are written
+and lists them in the job's model index (app_common.megabatch_models), so a running job's models
+are listed too, and a failed or cancelled job keeps the ones it made. Download links are signed
+like the job's artifacts (the store's presigned links, or this API's HMAC links).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+
+from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep, public_base
+from api.errors import ApiProblem, problem_responses, validation_problem
+from api.routes.jobs import owned_job
+from api.schemas import ArtifactPublic
+from api.signing import signed_query
+from app_common.megabatch_models import MegabatchModel, ModelIndex, best_model, read_model_index
+from app_common.settings import Settings
+from app_common.spec import FieldError
+from app_common.storage import Storage, StorageError, artifact_key
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["models"])
+
+
+class ModelPublic(BaseModel):
+    """One kept model with its metrics and signed, expiring download links."""
+
+    index: int = Field(description="The megabatch after which it was kept (1-based).")
+    density: float = Field(description="Fraction of the prunable weights kept (measured).")
+    target_density: float = Field(description="The schedule's density for this megabatch.")
+    test_accuracy: float
+    name: str = Field(description="The model file, relative to the run folder (megabatch-0003/...).")
+    bytes: int
+    sha256: str
+    download_url: str = Field(description="Signed, expiring link to the model file; works without the API key.")
+    expires_at: datetime
+    files: list[ArtifactPublic] = Field(
+        description="The model file and its manifest.json, each with a link: the manifest lets load_model "
+        "rebuild the model from a folder holding both."
+    )
+
+
+class _Links:
+    """Download links of one job's files, signed for the whole listing at one time."""
+
+    def __init__(self, request: Request, storage: Storage, settings: Settings, secret: str, job_id: str):
+        self.request, self.storage, self.secret, self.job_id = request, storage, secret, job_id
+        self.base = public_base(request, settings)
+        self.ttl = settings.download_url_ttl_s
+        self.now = time.time()
+
+    def __call__(self, name: str) -> tuple[str, datetime]:
+        # The store's own presigned link when it has them, else this API's HMAC-signed one.
+        flat = name.replace("/", "-")
+        url = self.storage.presigned_get(artifact_key(self.job_id, name), expires_s=self.ttl, filename=flat)
+        expires = int(self.now) + self.ttl
+        if url is None:
+            query, expires = signed_query(self.secret, self.job_id, name, self.ttl, now=self.now)
+            path = self.request.app.url_path_for("download_artifact", job_id=self.job_id, name=quote(name, safe="/"))
+            url = f"{self.base}{path}?{query}"
+        return url, datetime.fromtimestamp(expires, UTC)
+
+    def model(self, model: MegabatchModel) -> ModelPublic:
+        files = []
+        for info in model.files:
+            url, expires_at = self(info.name)
+            files.append(ArtifactPublic(**info.model_dump(), download_url=url, expires_at=expires_at))
+        url, expires_at = self(model.name)
+        fields = model.model_dump(exclude={"files"})
+        return ModelPublic(**fields, download_url=url, expires_at=expires_at, files=files)
+
+
+def stored_models(storage: Storage, job_id: str) -> ModelIndex:
+    """The job's model index; a store that cannot be read is a 503 (retry later)."""
+    try:
+        return read_model_index(storage, job_id)
+    except StorageError as exc:
+        log.warning("job %s: could not read its model index: %s", job_id, exc)
+        raise ApiProblem(503, "the object store is unavailable", slug="storage-unavailable",
+                         headers={"Retry-After": "2"}) from None
+
+
+@router.get(
+    "/{job_id}/models",
+    operation_id="job_models",
+    response_model=list[ModelPublic],
+    summary="The model kept after each megabatch, with metrics and download links",
+    responses=problem_responses(401, 404, 503),
+    description="Listed as soon as each is stored, while the job runs too; empty when the job keeps none "
+    "(`export.keep_every_megabatch` false) or has finished no megabatch yet. Links are signed and expire "
+    "(`expires_at`).",
+)
+def job_models(
+    job_id: str,
+    request: Request,
+    owner: OwnerDep,
+    store: StoreDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    secret: SecretDep,
+) -> list[ModelPublic]:
+    owned_job(store, job_id, owner)
+    links = _Links(request, storage, settings, secret, job_id)
+    return [links.model(m) for m in stored_models(storage, job_id).models]
+
+
+@router.get(
+    "/{job_id}/models/best",
+    operation_id="best_job_model",
+    response_model=ModelPublic,
+    summary="The kept model that suits a density or accuracy bound",
+    responses=problem_responses(401, 404, 422, 503),
+    description="`max_density`: the most accurate model with at most that density. `min_accuracy`: the sparsest "
+    "model with at least that test accuracy. Both: the most accurate model within both. At least one is "
+    "required; 404 `no-model-qualifies` when no kept model meets them.",
+)
+def best_job_model(
+    job_id: str,
+    request: Request,
+    owner: OwnerDep,
+    store: StoreDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    secret: SecretDep,
+    max_density: Annotated[float | None, Query(ge=0.0, le=1.0, description="Largest density accepted.")] = None,
+    min_accuracy: Annotated[
+        float | None, Query(ge=0.0, le=1.0, description="Smallest test accuracy accepted.")
+    ] = None,
+) -> ModelPublic:
+    if max_density is None and min_accuracy is None:
+        reason = "give max_density, min_accuracy or both"
+        raise validation_problem([FieldError(field="max_density", reason=reason),
+                                  FieldError(field="min_accuracy", reason=reason)])
+    owned_job(store, job_id, owner)
+    index = stored_models(storage, job_id)
+    chosen = best_model(index.models, max_density=max_density, min_accuracy=min_accuracy)
+    if chosen is None:
+        bounds = " and ".join(b for b in (
+            f"density at most {max_density}" if max_density is not None else "",
+            f"test accuracy at least {min_accuracy}" if min_accuracy is not None else "",
+        ) if b)
+        raise ApiProblem(404, f"none of the {len(index.models)} kept models of job {job_id} has {bounds}",
+                         slug="no-model-qualifies")
+    return _Links(request, storage, settings, secret, job_id).model(chosen)
