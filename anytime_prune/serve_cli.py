@@ -309,7 +309,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         verbose = ["-v"] if args.verbose else []
         level = args.log_level or ("WARNING" if args.demo else "INFO")
         group.spawn("worker", _self_command(*verbose, "worker", "--queue", args.queue, "--loglevel", level), env)
-        # Dataset validation on its own worker: an upload never waits behind a training job.
+        # Dataset validation and webhook delivery on their own worker: an upload or a webhook never
+        # waits behind a training job.
         group.spawn("control worker", _self_command(*verbose, "worker", "--queue", CONTROL_QUEUE, "--loglevel", level),
                     env)
         api_argv = ["api", "--host", args.host, "--port", str(args.port), "--log-level", level.lower()]
@@ -319,7 +320,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis_line = f"embedded, {redis_url}" if embedded else redis_url.split("@")[-1]
         print(f"anytime-prune is serving on {url}  (API docs: {url}/docs)")
         print(f"  redis:     {redis_line}")
-        print(f"  worker:    1 process on queue {args.queue}, 1 validating uploaded datasets ({CONTROL_QUEUE})")
+        print(f"  worker:    1 process on queue {args.queue}, 1 validating uploaded datasets and delivering "
+              f"webhooks ({CONTROL_QUEUE})")
         print(f"  artifacts: {settings.artifacts_dir.resolve()}")
         print(f"  API key:   {key_id}, in {creds_file} (the CLI client reads it)")
         print("  try:       anytime-prune submit --dataset digits --megabatches 4 --epochs 3 --watch")
@@ -420,7 +422,8 @@ def add_serve_commands(sub: Any) -> None:
     w = sub.add_parser("worker", help="a worker (one job at a time); settings from the environment")
     w.add_argument(
         "--queue", choices=(*QUEUE_NAMES, CONTROL_QUEUE), required=True,
-        help=f"the Celery queue to consume (one job at a time; '{CONTROL_QUEUE}': dataset validation)"
+        help=f"the Celery queue to consume (one job at a time; '{CONTROL_QUEUE}': dataset validation and webhook "
+        "delivery)"
     )
     w.add_argument("--loglevel", default="INFO", type=str.upper)
     w.add_argument("--hostname", help="Celery node name (default: <queue>@<host>; with --gpus, <name><device>@<host>)")
