@@ -6,7 +6,7 @@ API key that it keeps in the tab's ``sessionStorage`` and sends as ``Authorizati
 every call to ``/api/v1``; it follows the open job's event stream with ``fetch`` (EventSource cannot
 send the header) and polls the job list.
 
-The page and its assets (under :data:`ASSETS_PATH`) carry a Content-Security-Policy that lets them
+The page and its files (under :data:`ASSETS_PATH`) carry a Content-Security-Policy that lets them
 talk to this origin only; other routes keep their own headers. Nothing here is in the OpenAPI
 document.
 """
@@ -17,9 +17,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
-from fastapi.staticfiles import StaticFiles
-from starlette.responses import Response
-from starlette.types import Scope
+
+from api.errors import ApiProblem
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGE_PATH = "/"
@@ -43,25 +42,32 @@ SECURITY_HEADERS = {
     # The page's address (its #/jobs/<id> route) goes nowhere, not even to the object store.
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
-    # Revalidate (ETag / Last-Modified) so an upgraded server's files are used at once.
+    # Revalidate, so an upgraded server's files are used at once.
     "Cache-Control": "no-cache",
 }
+_MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8"}
 
 
-class _DashboardFiles(StaticFiles):
-    """StaticFiles whose answers carry :data:`SECURITY_HEADERS`."""
-
-    async def get_response(self, path: str, scope: Scope) -> Response:
-        response = await super().get_response(path, scope)
-        response.headers.update(SECURITY_HEADERS)
-        return response
+def _file(path: Path) -> FileResponse:
+    return FileResponse(path, media_type=_MEDIA_TYPES[path.suffix], headers=SECURITY_HEADERS)
 
 
 def install_dashboard(app: FastAPI) -> None:
-    """Serve the page at :data:`PAGE_PATH` and its assets under :data:`ASSETS_PATH`."""
-    app.mount(ASSETS_PATH, _DashboardFiles(directory=STATIC_DIR), name="dashboard-assets")
+    """Serve the page at :data:`PAGE_PATH` and its files at ``ASSETS_PATH/<name>``.
+
+    The files are one flat folder, listed once here: a request names one of them or gets a 404
+    (and the request metrics count every asset under the one route ``/dashboard/{name}``).
+    """
+    files = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file() and p.suffix in _MEDIA_TYPES}
 
     @app.api_route(PAGE_PATH, methods=["GET", "HEAD"], include_in_schema=False)
     async def dashboard_page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8",
-                            headers=SECURITY_HEADERS)
+        return _file(files["index.html"])
+
+    @app.api_route(ASSETS_PATH + "/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def dashboard_file(name: str) -> FileResponse:
+        path = files.get(name)
+        if path is None:
+            raise ApiProblem(404, f"no dashboard file {name!r}")
+        return _file(path)

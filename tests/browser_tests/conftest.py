@@ -1,5 +1,5 @@
 """Fixtures of the browser tests: one real ``anytime-prune serve`` (embedded Redis, API, training and
-control workers) and one headless Chromium for the whole session.
+control workers) and one headless Chromium, shared by a test module.
 
 The browser is Debian's ``chromium`` driven by Playwright for Python (``executable_path``): nothing
 downloads a browser. Without it the browser tests skip, naming the package to install.
@@ -16,12 +16,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from dashboard_support import Serve, Tab, chromium_path, open_tab
+from dashboard_support import NO_CHROMIUM, Serve, Tab, chromium_path, open_tab
 from service_stack import cli_argv, free_port
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    # Module scope, like the browser: Playwright's sync API runs an event loop on this thread,
+    # which must be gone before any later module's async tests run theirs.
+    if chromium_path() is None:  # no server to start for tests that will skip
+        pytest.skip(NO_CHROMIUM)
     folder = tmp_path_factory.mktemp("dashboard-serve")
     home = folder / "home"
     env = {k: v for k, v in os.environ.items()
@@ -66,12 +70,11 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
             proc.stdout.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     executable = chromium_path()
     if executable is None:
-        pytest.skip("Chromium is not installed: install the Debian package 'chromium' "
-                    "(apt-get install chromium) to run the browser tests")
+        pytest.skip(NO_CHROMIUM)
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=executable, headless=True)

@@ -18,6 +18,10 @@ DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
 
+NO_CHROMIUM = ("Chromium is not installed: install the Debian package 'chromium' (apt-get install chromium) "
+               "to run the browser tests")
+
+
 def chromium_path() -> str | None:
     for name in CHROMIUM_NAMES:
         found = shutil.which(name)

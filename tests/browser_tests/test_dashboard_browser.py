@@ -26,13 +26,25 @@ JOB_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
-def finished_pair(serve: Serve) -> Iterator[list[str]]:
-    """Two finished jobs on the same data: app and dense."""
+def submitted_pair(serve: Serve) -> list[str]:
+    """Two jobs on the same data, app and dense, submitted when the server starts: the worker runs
+    them while the first tests use the browser."""
     with serve.client() as client:
-        ids = [client.submit({**TINY, "method": method})["id"] for method in ("app", "dense")]
-        for job_id in ids:
+        return [client.submit({**TINY, "method": method})["id"] for method in ("app", "dense")]
+
+
+@pytest.fixture(autouse=True)
+def _pair_first(submitted_pair: list[str]) -> None:
+    """Every test of the module starts after the pair was submitted (the first one submits it)."""
+
+
+@pytest.fixture(scope="module")
+def finished_pair(serve: Serve, submitted_pair: list[str]) -> Iterator[list[str]]:
+    """The pair, finished."""
+    with serve.client() as client:
+        for job_id in submitted_pair:
             assert client.wait(job_id, timeout=JOB_TIMEOUT_S)["status"] == "succeeded", serve.output()
-    yield ids
+    yield submitted_pair
 
 
 def api_requests(tab: Tab) -> list[Any]:

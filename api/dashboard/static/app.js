@@ -4,10 +4,10 @@
 
 import {api, ApiError, onUnauthorized, setKey, signedIn, signOut} from "./api.js";
 import {h, replace} from "./util.js";
-import {compareView} from "./views/compare.js";
-import {jobView} from "./views/job.js";
-import {jobsView} from "./views/jobs.js";
-import {submitView} from "./views/submit.js";
+import {compareView} from "./view-compare.js";
+import {jobView} from "./view-job.js";
+import {jobsView} from "./view-jobs.js";
+import {submitView} from "./view-submit.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");

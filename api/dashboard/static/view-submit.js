@@ -1,8 +1,8 @@
 // The submit form, built from GET /api/v1/catalog (and the key's ready uploads from GET
 // /api/v1/datasets). The server validates: a 422's reasons appear next to the fields they name.
 
-import {api, ApiError, listAll} from "../api.js";
-import {h, notify, replace, shortId} from "../util.js";
+import {api, ApiError, listAll} from "./api.js";
+import {h, notify, replace, shortId} from "./util.js";
 
 // A problem's field (a dotted path of the spec) -> the control that sets it.
 const FIELD_CONTROLS = {

@@ -2,8 +2,8 @@
 // streamed: the service caps event streams per key). Rows are updated in place, so focus and
 // the compare selection survive each refresh.
 
-import {api} from "../api.js";
-import {h, pct, replace, shortId, STATUSES, statusBadge, when} from "../util.js";
+import {api} from "./api.js";
+import {h, pct, replace, shortId, STATUSES, statusBadge, when} from "./util.js";
 
 const POLL_MS = 2500;
 const PAGE_SIZE = 20;

@@ -2,10 +2,10 @@
 // label) and a table of final accuracy, CER, generalisation gap and density. Polls while a job
 // is still running.
 
-import {api} from "../api.js";
-import {lineChart} from "../charts.js";
-import {describeSpec, h, num, pct, replace, shortId, statusBadge, summarize, TERMINAL} from "../util.js";
-import {loadSelection} from "./jobs.js";
+import {api} from "./api.js";
+import {lineChart} from "./charts.js";
+import {describeSpec, h, num, pct, replace, shortId, statusBadge, summarize, TERMINAL} from "./util.js";
+import {loadSelection} from "./view-jobs.js";
 
 const POLL_MS = 4000;
 

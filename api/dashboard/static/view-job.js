@@ -3,11 +3,11 @@
 // adds points as they happen; points are keyed by megabatch (and epoch), so a replayed event
 // never draws twice.
 
-import {api, ApiError} from "../api.js";
-import {barChart, lineChart} from "../charts.js";
-import {followJob} from "../sse.js";
+import {api, ApiError} from "./api.js";
+import {barChart, lineChart} from "./charts.js";
+import {followJob} from "./sse.js";
 import {bytes, describeSpec, h, notify, num, pct, replace, shortId, statusBadge, summarize, targetDensity,
-  TERMINAL} from "../util.js";
+  TERMINAL} from "./util.js";
 
 const LOG_MAX = 1000;
 
