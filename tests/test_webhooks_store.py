@@ -176,3 +176,33 @@ def test_public_addresses_pass_and_names_are_resolved_with_a_bound() -> None:
     with pytest.raises(UnsafeUrl, match="resolve"):
         check_url("http://no-such-host.invalid/", allow_private=False, timeout_s=5.0)
     assert time.monotonic() - start < 50.0  # a hang guard, not a speed claim
+
+
+def test_the_courier_refuses_a_private_address_at_delivery_and_gives_up_after_the_last_attempt(
+    store: JobStore,
+) -> None:
+    from worker.courier import Courier
+
+    # Accepted at submit (the name resolved elsewhere then, or the server allowed it); not now.
+    settings = Settings(webhook_allow_private=False, webhook_max_attempts=2, webhook_retry_base_s=0.01)
+    job_id = job_with(store, ["completed"])
+    store.request_cancel(job_id)
+    courier = Courier(store, settings)
+    try:
+        for number, outcome in ((1, "retrying"), (2, "failed")):
+            deadline = time.monotonic() + 30
+            token, ids = store.claim_deliveries(10, 60.0)
+            while not ids and time.monotonic() < deadline:  # the retry is due 10 ms later
+                time.sleep(0.02)
+                token, ids = store.claim_deliveries(10, 60.0)
+            [msg_id] = ids
+            entry = courier.attempt(msg_id, token)
+            assert entry is not None and entry["attempt"] == number and entry["outcome"] == outcome
+            assert entry["status_code"] is None and entry["error"].startswith("refused: 127.0.0.1 is a loopback")
+        assert store.pending_deliveries() == 0 and store.get_delivery(msg_id) is None
+        history = store.delivery_attempts(job_id)
+        assert [(a["attempt"], a["outcome"]) for a in history] == [(1, "retrying"), (2, "failed")]
+        assert history[0]["next_attempt_at"] is not None and history[1]["next_attempt_at"] is None
+        assert courier.attempt(msg_id, token) is None  # gone: nothing to do
+    finally:
+        courier.stop()
