@@ -58,6 +58,7 @@ export function jobView(root, jobId) {
     streamDetail: ""};
   let frame = 0;
   let linkTimer = null;
+  let modelsTimer = null;
 
   const title = h("h1", {}, `Job ${shortId(jobId)}`);
   const badge = h("span", {id: "job-status"});
@@ -101,6 +102,7 @@ export function jobView(root, jobId) {
     for (const e of history.epochs) st.ep.set(`${e.megabatch}:${e.epoch}`, e);
     render();
     if (st.job.status === "succeeded") loadDownloads();
+    loadModels();
     followJob(jobId, {signal, onEvent, onState(state, detail) {
       st.stream = state;
       st.streamDetail = detail instanceof Error ? detail.message : detail || "";
@@ -122,6 +124,7 @@ export function jobView(root, jobId) {
       job.progress = {...job.progress, megabatch: e.megabatch, megabatches: e.megabatches,
         fraction: Math.min(1, e.megabatch / e.megabatches)};
     } else if (e.type === "run_ended") st.runEnded = e;
+    else if (e.type === "model_written") loadModelsSoon();
     else if (e.type === "status_changed") {
       job.status = e.status;
       if (e.reason && e.status === "failed") job.error = e.reason;
@@ -135,6 +138,7 @@ export function jobView(root, jobId) {
       st.job = await api(`jobs/${encodeURIComponent(jobId)}`, {signal});
       schedule();
       if (st.job.status === "succeeded") loadDownloads();
+      else loadModels();
     } catch (err) {
       if (!signal.aborted) error.textContent = `Could not refresh the job: ${err.message}`;
     }
@@ -260,6 +264,12 @@ export function jobView(root, jobId) {
     loadModels();
   }
 
+  // A stream replaying a finished job's events sends every model_written at once: one listing.
+  function loadModelsSoon() {
+    clearTimeout(modelsTimer);
+    modelsTimer = setTimeout(loadModels, 300);
+  }
+
   async function loadModels() {
     let listing;
     try {
@@ -285,8 +295,11 @@ export function jobView(root, jobId) {
           h("td", {"data-label": "Density"}, pct(m.density)),
           h("td", {"data-label": "Test accuracy"}, pct(m.test_accuracy)),
           h("td", {"data-label": "Size"}, bytes(m.bytes)),
-          h("td", {"data-label": "Download"}, url ? h("a", {href: url, download: "", rel: "noreferrer"},
-            m.name || `megabatch ${index}`) : "–"));
+          h("td", {"data-label": "Download"}, h("span", {class: "links"},
+            url ? h("a", {href: url, download: "", rel: "noreferrer", "data-model": index},
+              m.name || `megabatch ${index}`) : "–",
+            (m.files || []).filter((f) => f.name !== m.name).map((f) => [" · ", h("a", {href: f.download_url,
+              download: "", rel: "noreferrer"}, f.name.split("/").pop())]))));
       }))));
   }
 
@@ -294,6 +307,7 @@ export function jobView(root, jobId) {
     destroy() {
       controller.abort();
       clearTimeout(linkTimer);
+      clearTimeout(modelsTimer);
       if (frame) cancelAnimationFrame(frame);
     },
   };
