@@ -26,6 +26,7 @@ async def test_openapi_document(api: Api) -> None:
         "create_dataset", "upload_dataset_content", "complete_dataset_upload", "list_datasets", "get_dataset",
         "delete_dataset",
         "job_models", "best_job_model",
+        "webhook_secret", "rotate_webhook_secret", "job_deliveries",
     }
     assert all(p.startswith("/api/v1/") or p in ("/healthz", "/readyz", "/metrics") for p in doc["paths"])
     create = doc["paths"]["/api/v1/jobs"]["post"]
