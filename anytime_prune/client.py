@@ -7,6 +7,7 @@
                          "stream": {"megabatches": 4}, "training": {"epochs": 3}})
     final = client.watch(job["id"], callback=print)  # follows the live event stream
     paths = client.download(job["id"], "out/")       # sha256 checked against the listing
+    client.download_model(job["id"], "out/", max_density=0.5)  # a model kept after a megabatch
 
 Torch-free (httpx, httpx-sse and the standard library only), so it is cheap to import anywhere.
 Every non-2xx answer raises :class:`ApiError`, parsed from the API's ``application/problem+json``.
@@ -31,11 +32,16 @@ from urllib.parse import quote, urlsplit
 import httpx
 from httpx_sse import connect_sse
 
+from anytime_prune.client_errors import ApiError as ApiError
+from anytime_prune.client_errors import DatasetInvalid as DatasetInvalid
+from anytime_prune.client_errors import DownloadError as DownloadError
+from anytime_prune.client_errors import FieldProblem as FieldProblem
 from anytime_prune.credentials import config_dir as config_dir
 from anytime_prune.credentials import credentials_path as credentials_path
 from anytime_prune.credentials import read_credentials as read_credentials
 from anytime_prune.credentials import write_credentials as write_credentials
 from anytime_prune.upload import Progress, file_chunks, file_digest, multipart_form
+from app_common.megabatch_models import megabatch_of
 from app_common.public import API_PREFIX
 
 log = logging.getLogger(__name__)
@@ -45,82 +51,6 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 DATASET_SETTLED = frozenset({"ready", "invalid"})
 ENV_URL = "ANYTIME_PRUNE_URL"
 ENV_API_KEY = "ANYTIME_PRUNE_API_KEY"
-
-
-# --- errors -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FieldProblem:
-    """One bad field of a rejected request (``field`` is a dotted path like ``sparsity.target``)."""
-
-    field: str
-    reason: str
-
-
-class ApiError(Exception):
-    """A non-2xx answer of the API (or the service being unreachable: ``status`` 0)."""
-
-    def __init__(
-        self,
-        status: int,
-        title: str,
-        detail: str,
-        errors: list[FieldProblem] | None = None,
-        *,
-        type: str = "about:blank",  # noqa: A002 - the RFC 9457 member name
-        retry_after: float | None = None,
-    ):
-        self.status = status
-        self.title = title
-        self.detail = detail
-        self.errors = list(errors or [])
-        self.type = type
-        self.retry_after = retry_after
-        lines = [f"{status} {title}: {detail}" if status else f"{title}: {detail}"]
-        lines += [f"  {e.field}: {e.reason}" for e in self.errors]
-        super().__init__("\n".join(lines))
-
-    @classmethod
-    def from_response(cls, response: httpx.Response) -> ApiError:
-        """Parse a problem document; fall back to the status line for anything else (a proxy's
-        HTML error page, an empty body)."""
-        status = response.status_code
-        title = response.reason_phrase or "error"
-        detail = ""
-        errors: list[FieldProblem] = []
-        kind = "about:blank"
-        try:
-            body = json.loads(response.content) if response.content else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
-        if isinstance(body, dict):
-            title = str(body.get("title") or title)
-            detail = str(body.get("detail") or "")
-            kind = str(body.get("type") or kind)
-            for item in body.get("errors") or []:
-                if isinstance(item, dict):
-                    errors.append(FieldProblem(str(item.get("field", "")), str(item.get("reason", ""))))
-        if not detail:
-            detail = response.text[:200].strip() or title
-        retry_after: float | None = None
-        with contextlib.suppress(ValueError):
-            header = response.headers.get("Retry-After")
-            retry_after = float(header) if header is not None else None
-        return cls(status, title, detail, errors, type=kind, retry_after=retry_after)
-
-
-class DownloadError(ApiError):
-    """A downloaded artifact whose size or sha256 differs from the artifact listing."""
-
-
-class DatasetInvalid(ApiError):
-    """An uploaded dataset that validation refused: ``reason`` says why, ``dataset`` is its record."""
-
-    def __init__(self, dataset: Mapping[str, Any]):
-        self.dataset = dict(dataset)
-        self.reason = str(dataset.get("error") or "no reason given")
-        super().__init__(0, "dataset invalid", f"dataset {dataset.get('id')}: {self.reason}")
 
 
 # --- server-sent events -------------------------------------------------------------------------
@@ -281,6 +211,52 @@ class Client:
         listing = self._json("GET", self._job_path(job_id, "/artifacts"))
         items = listing["items"] if isinstance(listing, dict) else listing
         return list(items)
+
+    def models(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        """The models kept after each megabatch so far (a running job's too): index, density,
+        target_density, test_accuracy, name, bytes, sha256, a signed ``download_url`` and ``files``
+        (the model and its manifest, each with a link)."""
+        listing: builtins.list[dict[str, Any]] = self._json("GET", self._job_path(job_id, "/models"))
+        return listing
+
+    def best_model(
+        self, job_id: str, *, max_density: float | None = None, min_accuracy: float | None = None
+    ) -> dict[str, Any]:
+        """The kept model that suits the bounds, as :meth:`models` lists it: the most accurate with at
+        most ``max_density``, the sparsest with at least ``min_accuracy``, or the most accurate within
+        both. An :class:`ApiError` 404 (``no-model-qualifies``) when none does."""
+        params = {k: v for k, v in (("max_density", max_density), ("min_accuracy", min_accuracy)) if v is not None}
+        if not params:
+            raise ValueError("give max_density, min_accuracy or both")
+        model: dict[str, Any] = self._json("GET", self._job_path(job_id, "/models/best"), params=params)
+        return model
+
+    def download_model(
+        self,
+        job_id: str,
+        dest_dir: str | os.PathLike[str],
+        *,
+        megabatch: int | None = None,
+        max_density: float | None = None,
+        min_accuracy: float | None = None,
+    ) -> builtins.list[Path]:
+        """Download one kept model, the one of ``megabatch`` or the :meth:`best_model` for the
+        bounds, with its manifest into ``dest_dir/megabatch-NNNN/`` (sha256 checked, as
+        :meth:`download`); returns their paths. ``app_engine.export.load_model(dest_dir,
+        megabatch=N)`` rebuilds it."""
+        if megabatch is not None:
+            if max_density is not None or min_accuracy is not None:
+                raise ValueError("give a megabatch or bounds, not both")
+            listing = self.models(job_id)
+            model = next((m for m in listing if m["index"] == megabatch), None)
+            if model is None:
+                kept = ", ".join(str(m["index"]) for m in listing) or "none"
+                raise ApiError(404, "Not Found", f"job {job_id} kept no model of megabatch {megabatch} (kept: {kept})")
+        else:
+            model = self.best_model(job_id, max_density=max_density, min_accuracy=min_accuracy)
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        return [self._download_one(f, dest) for f in model["files"]]
 
     def catalog(self) -> dict[str, Any]:
         catalog: dict[str, Any] = self._json("GET", f"{API_PREFIX}/catalog")
@@ -499,6 +475,7 @@ class Client:
         self, job_id: str, dest_dir: str | os.PathLike[str], names: builtins.list[str] | None = None
     ) -> builtins.list[Path]:
         """Download the job's artifacts (all, or ``names``) into ``dest_dir``; returns their paths.
+        The models kept after each megabatch are not among them: see :meth:`download_model`.
 
         Each file is streamed to a temporary file, its size and sha256 compared with the listing,
         and only then renamed into place; a mismatch raises :class:`DownloadError` and leaves no
@@ -516,7 +493,8 @@ class Client:
 
     def _download_one(self, artifact: Mapping[str, Any], dest: Path) -> Path:
         name = str(artifact["name"])
-        if Path(name).name != name or name in ("", ".", ".."):
+        # A plain file name, or one of a megabatch's files in its folder (nothing else with a folder).
+        if megabatch_of(name) is None and (Path(name).name != name or name in ("", ".", "..")):
             raise DownloadError(0, "bad artifact name", f"refusing to write {name!r} outside {dest}")
         url = httpx.URL(self.base_url).join(str(artifact["download_url"]))
         # The link is signed and needs no key; the key must not leak to another host (an object
@@ -524,7 +502,8 @@ class Client:
         same_host = urlsplit(str(url)).netloc == urlsplit(self.base_url).netloc
         http = self._http if same_host else httpx.Client(timeout=self.timeout)
         target = dest / name
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
+        target.parent.mkdir(exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         tmp = Path(tmp_name)
         digest = hashlib.sha256()
         size = 0

@@ -286,11 +286,48 @@ def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_download(args: argparse.Namespace, client: Client) -> int:
-    paths = client.download(args.job_id, args.out, names=args.name or None)
+    bounded = args.max_density is not None or args.min_accuracy is not None
+    chosen = [flag for flag, given in (("--name", bool(args.name)), ("--megabatch", args.megabatch is not None),
+                                      ("--best", args.best)) if given]
+    problem = None
+    if len(chosen) > 1:
+        problem = f"{' and '.join(chosen)} choose different files: give one"
+    elif args.best and not bounded:
+        problem = "--best needs --max-density, --min-accuracy or both"
+    elif bounded and not args.best:
+        problem = "--max-density and --min-accuracy choose a model with --best"
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.megabatch is not None or args.best:
+        paths = client.download_model(args.job_id, args.out, megabatch=args.megabatch,
+                                      max_density=args.max_density, min_accuracy=args.min_accuracy)
+    else:
+        paths = client.download(args.job_id, args.out, names=args.name or None)
     for path in paths:
         print(path)
     print(f"downloaded {len(paths)} files into {args.out} (sha256 checked)", file=sys.stderr)
     return EXIT_OK
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
+
+
+def _megabatch(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a megabatch number (1, 2, ...), got {text!r}")
+    return value
 
 
 # --- datasets ---------------------------------------------------------------------------------
@@ -451,8 +488,18 @@ def add_client_commands(sub: Any) -> None:
     ls.add_argument("--status", choices=STATUSES)
     ls.add_argument("--limit", type=int, default=20)
     _client_parser(sub, "cancel", cmd_cancel, "cancel a job")
-    d = _client_parser(sub, "download", cmd_download, "download a finished job's files (sha256 checked)")
+    d = _client_parser(sub, "download", cmd_download, "download a finished job's files, or a model kept after "
+                       "one of its megabatches (sha256 checked)")
     d.add_argument("--out", required=True, help="folder to write into")
     d.add_argument("--name", action="append", help="only this file (repeatable)")
+    d.add_argument("--megabatch", type=_megabatch, metavar="N",
+                   help="the model kept after megabatch N, with its manifest, into OUT/megabatch-000N/ "
+                   "(a running job's too)")
+    d.add_argument("--best", action="store_true",
+                   help="the kept model that suits --max-density and/or --min-accuracy, into OUT/megabatch-000N/")
+    d.add_argument("--max-density", type=_fraction, metavar="D",
+                   help="with --best: the most accurate model with at most this density")
+    d.add_argument("--min-accuracy", type=_fraction, metavar="A",
+                   help="with --best: the sparsest model with at least this test accuracy")
     add_datasets_command(sub)
 

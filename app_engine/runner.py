@@ -380,8 +380,6 @@ def _finish(
         )
         sparse = artifacts.get("model.sparse.safetensors")
         result["sparse_model_bytes"] = sparse["bytes"] if sparse else None
-        for kept in state.models:  # written as the run went (a resumed run's earlier ones included)
-            artifacts.update({f["name"]: {"path": str(out_dir / f["name"]), **f} for f in kept["files"]})
     result["artifacts"] = {name: {k: v for k, v in a.items() if k != "path"} for name, a in artifacts.items()}
     result["wall_time_s"] = time.perf_counter() - started
     atomic_write_json(out_dir / "result.json", result)

@@ -358,3 +358,56 @@ def test_list_follows_cursors_cancel_and_delete(stack: ServiceStack, client: Cli
 def _queued(stack: ServiceStack, owner: str) -> str:
     """A job that stays queued (it is never sent to a worker)."""
     return stack.store.create_job(owner, JobSpec.from_dict(TINY_SPEC).to_dict(), queue="cpu").id
+
+
+def test_kept_models_download_by_megabatch_or_bound_and_reproduce(
+    client: Client, key: tuple[str, str], done: dict[str, Any], stack: ServiceStack, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A model at every megabatch: listed, chosen and downloaded by the client and the CLI; each
+    loads and reproduces its recorded test accuracy."""
+    import torch
+
+    from anytime_prune.cli import main
+    from app_common.megabatch_models import MegabatchModel, best_model
+    from app_common.spec import DatasetSpec
+    from app_engine.data import load_dataset
+    from app_engine.export import load_model
+
+    models = client.models(done["id"])
+    assert [m["index"] for m in models] == [1, 2]
+    assert [m["sha256"] for m in models] == [m["sha256"] for m in done["result"]["megabatch_models"]]
+    kept = [MegabatchModel.model_validate(m) for m in done["result"]["megabatch_models"]]
+    digits = load_dataset(DatasetSpec(name="digits"), seed=3)
+
+    def cli(*args: str) -> int:
+        return main(["download", done["id"], "--url", stack.url, "--api-key", key[1], *args])
+
+    out = tmp_path / "models"
+    assert cli("--out", str(out), "--megabatch", "1") == 0
+    loose = max(m.density for m in kept)  # every model qualifies: the most accurate wins
+    assert cli("--out", str(out), "--best", "--max-density", str(loose)) == 0
+    floor = min(m.test_accuracy for m in kept)  # every model qualifies: the sparsest wins
+    paths = client.download_model(done["id"], out, min_accuracy=floor)
+    chosen = [best_model(kept, max_density=loose), best_model(kept, min_accuracy=floor)]
+    assert chosen[1] is not None and chosen[1].index == 2 and paths[0] == out / chosen[1].name
+    printed = capsys.readouterr().out.split()
+    assert printed[:2] == [str(out / "megabatch-0001/model.sparse.safetensors"),
+                           str(out / "megabatch-0001/manifest.json")]
+    assert chosen[0] is not None and printed[2] == str(out / chosen[0].name)
+    for m in kept:
+        model = load_model(out, megabatch=m.index)
+        with torch.no_grad():
+            correct = int((model(digits.x_test).argmax(1) == digits.y_test).sum())
+        assert correct / len(digits.y_test) == m.test_accuracy
+
+    # Usage: one choice at a time, --best with a bound, bounds in 0..1; no such model: exit 4.
+    for bad in (["--best"], ["--max-density", "0.5"], ["--megabatch", "1", "--best", "--max-density", "0.5"]):
+        assert cli("--out", str(out), *bad) == 2, bad
+    with pytest.raises(SystemExit):
+        cli("--out", str(out), "--best", "--max-density", "1.5")
+    assert cli("--out", str(out), "--megabatch", "9") == 4
+    assert cli("--out", str(out), "--best", "--max-density", "0.01") == 4
+    err = capsys.readouterr().err
+    assert "kept no model of megabatch 9 (kept: 1, 2)" in err and "no-model-qualifies" not in err
+    assert "none of the 2 kept models" in err

@@ -4,6 +4,7 @@ it off. Real training on scikit-learn's digits (small MLP, one epoch per megabat
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import torch
 from anytime_prune.cli import build_parser
 from anytime_prune.engine_cli import spec_dict_from_args
 from app_common.events import CheckpointWritten, MegabatchEnded, ModelWritten
-from app_common.megabatch_models import MegabatchModel, best_model, model_name
+from app_common.megabatch_models import MegabatchModel, best_model, model_name, read_model_index
 from app_common.spec import JobSpec
+from app_common.storage import LocalStorage, artifact_key
 from app_engine.data import load_dataset
 from app_engine.export import load_model, read_manifest, read_verified
 from app_engine.files import sha256_file
@@ -22,6 +24,7 @@ from app_engine.loading import MANIFEST_FILE, SPARSE_FILE, megabatch_folder
 from app_engine.models import prunable_parameters
 from app_engine.runner import RunResult, StopRun, run
 from app_engine.schedule import PruneSchedule
+from worker.files import RunFolderMirror
 
 MEGABATCHES = 4
 
@@ -86,10 +89,9 @@ def test_the_run_lists_them_in_its_manifest_artifacts_and_events(straight) -> No
     listed = outcome.result["megabatch_models"]
     assert read_manifest(out)["metrics"]["megabatch_models"] == listed
     assert json.loads((out / "result.json").read_text())["megabatch_models"] == listed
-    for m in listed:
-        for f in m["files"]:
-            assert outcome.artifacts[f["name"]]["sha256"] == f["sha256"]
-            assert Path(outcome.artifacts[f["name"]]["path"]) == out / f["name"]
+    # The run's artifacts are its final files; the kept models are listed on their own.
+    assert not [name for name in outcome.artifacts if "/" in name]
+    assert outcome.result["megabatch_models"][-1]["files"][0]["name"] == "megabatch-0004/model.sparse.safetensors"
     kinds = [type(e).__name__ for e in events if isinstance(e, ModelWritten | CheckpointWritten | MegabatchEnded)]
     assert kinds == ["ModelWritten", "CheckpointWritten", "MegabatchEnded"] * MEGABATCHES
     written = [e for e in events if isinstance(e, ModelWritten)]
@@ -117,18 +119,35 @@ def test_best_model_within_a_density_or_above_an_accuracy(straight) -> None:
 
 
 def test_a_resumed_run_keeps_the_earlier_models(straight, tmp_path: Path) -> None:
+    """As in the service: the first worker stops after megabatch 2; another, starting from the
+    store's checkpoints in an empty folder, finishes the run. The store keeps every model."""
+    storage = LocalStorage(tmp_path / "store")
+    job_id = "ab" * 16
+
     def stop_after_two(event: object) -> None:
         if isinstance(event, MegabatchEnded) and event.megabatch == 2:
             raise StopRun("enough")
 
-    first = run(spec(), tmp_path, callbacks=[stop_after_two])
+    first_host = RunFolderMirror(storage, job_id, tmp_path / "host-1")
+    first_host.fetch()
+    first = run(spec(), first_host.out_dir, callbacks=[first_host, stop_after_two])
     assert first.stopped and [m["index"] for m in first.result["megabatch_models"]] == [1, 2]
+    assert [m.index for m in read_model_index(storage, job_id).models] == [1, 2]
+
+    second_host = RunFolderMirror(storage, job_id, tmp_path / "host-2")
+    assert second_host.fetch() == 2 and [m.index for m in second_host.models.models] == [1, 2]
     events: list = []
-    final = run(spec(), tmp_path, callbacks=[events.append])
+    final = run(spec(), second_host.out_dir, callbacks=[second_host, events.append])
     assert [e.megabatch for e in events if isinstance(e, ModelWritten)] == [3, 4]
-    # Bit for bit the models of the uninterrupted run (CPU runs are reproducible).
+    assert not (second_host.out_dir / "megabatch-0001").exists()  # written by the first host only
+    # Bit for bit the models of the uninterrupted run (CPU runs are reproducible), all in the store.
     assert final.result["megabatch_models"] == straight[1].result["megabatch_models"]
-    assert all((tmp_path / f"megabatch-{i:04d}" / "model.sparse.safetensors").is_file() for i in (1, 2, 3, 4))
+    stored = read_model_index(storage, job_id)
+    assert [m.model_dump() for m in stored.models] == final.result["megabatch_models"]
+    for m in stored.models:
+        for f in m.files:
+            data = b"".join(storage.iter_chunks(artifact_key(job_id, f.name)))
+            assert hashlib.sha256(data).hexdigest() == f.sha256
 
 
 def test_the_engine_and_the_service_spell_the_names_alike() -> None:

@@ -15,7 +15,8 @@ truth, so that a worker on any host resumes the job:
   (:func:`~app_common.storage.models_index_key`, read back by :meth:`~RunFolderMirror.fetch` on
   resume), so the models of a running job are listed and downloadable as soon as they exist;
 - after a completed run, :meth:`~RunFolderMirror.upload_artifacts` stores each exported file at
-  :func:`~app_common.storage.artifact_key` (the megabatch models already there are not sent again).
+  :func:`~app_common.storage.artifact_key` (the job's ``artifacts``: the final files; the kept
+  megabatch models are listed by the model index, not there).
 
 A storage error raises out of the callback and so out of the run: the delivery is retried, and
 the retry resumes from the last checkpoint in the store.
@@ -130,13 +131,8 @@ class RunFolderMirror:
         self.uploads += 1
 
     def upload_artifacts(self, artifacts: Mapping[str, Mapping[str, Any]]) -> None:
-        """Store each exported file (``name -> {"path", ...}`` as the engine returns them), but for
-        the megabatch models already stored as they were written (an earlier attempt's among them,
-        which this host never had)."""
+        """Store each exported file (``name -> {"path", ...}`` as the engine returns them)."""
         for name, info in artifacts.items():
-            stored = self.models.file(name)
-            if stored is not None and stored.sha256 == info.get("sha256"):
-                continue
             self.storage.put_file(artifact_key(self.job_id, name), Path(info["path"]))
 
 

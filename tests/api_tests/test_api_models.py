@@ -70,27 +70,23 @@ async def test_models_are_listed_while_the_job_runs_and_after(api: Api, engine_r
                                                                                  "manifest.json")]
         manifest = await api.client.get(m["files"][1]["download_url"])
         assert manifest.status_code == 200 and manifest.json()["megabatch"] == m["index"]
-    # The rest as the run goes on, then the job succeeds with the files listed as its artifacts.
+    # The rest as the run goes on, then the job succeeds: its artifacts are its final files.
     for event in written[2:]:
         mirror(event)
-    final_files = {"model.sparse.safetensors": (out / "model.sparse.safetensors").read_bytes()}
-    storage = api.settings.open_storage()
-    for name, data in final_files.items():
-        storage.put_stream(artifact_key(job_id, name), [data])
-    artifacts = [ArtifactInfo(name=name, format="sparse", bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-                 for name, data in final_files.items()]
-    artifacts += [f for m in mirror.models.models for f in m.files]
-    api.store.set_result(job_id, result, artifacts)
+    data = (out / "model.sparse.safetensors").read_bytes()
+    api.settings.open_storage().put_stream(artifact_key(job_id, "model.sparse.safetensors"), [data])
+    final = ArtifactInfo(name="model.sparse.safetensors", format="sparse", bytes=len(data),
+                         sha256=hashlib.sha256(data).hexdigest())
+    api.store.set_result(job_id, result, [final])
     api.store.transition(job_id, "succeeded", allowed_from={"running"})
     listed = (await api.client.get(url, headers=api.a)).json()
     assert [m["index"] for m in listed] == [1, 2, 3, 4]
     assert [m["sha256"] for m in listed] == [m["sha256"] for m in result["megabatch_models"]]
-    # The job lists them among its artifacts (a folder level), with working links.
     job = (await api.client.get(f"/api/v1/jobs/{job_id}", headers=api.a)).json()
     assert job["urls"]["models"] == url
-    links = {a["name"]: a for a in (await api.client.get(f"/api/v1/jobs/{job_id}/artifacts", headers=api.a)).json()}
-    assert "megabatch-0003/model.sparse.safetensors" in links
-    d = await api.client.get(links["megabatch-0003/manifest.json"]["download_url"])
+    artifacts = (await api.client.get(f"/api/v1/jobs/{job_id}/artifacts", headers=api.a)).json()
+    assert [a["name"] for a in artifacts] == ["model.sparse.safetensors"]
+    d = await api.client.get(listed[2]["files"][1]["download_url"])
     assert d.status_code == 200 and d.json()["megabatch"] == 3
     # Another key's job does not exist.
     assert_problem(await api.client.get(url, headers=api.b), 404)
