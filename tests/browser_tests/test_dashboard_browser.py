@@ -60,8 +60,13 @@ def test_sign_in_sends_the_key_as_a_bearer_header_never_in_a_url(tab: Tab, serve
     assert "refused" in page.inner_text("#api-key-error")
     assert page.get_attribute("#api-key", "aria-invalid") == "true"
 
+    # By keyboard alone: the field has the focus after a failed try; Enter submits.
     key = serve.api_key
-    sign_in(tab, serve)
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.keyboard.press("Control+A")
+    page.keyboard.type(key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#jobs-updated:not(:empty)")
     assert page.evaluate("sessionStorage.getItem('anytime-prune.api-key')") == key
     assert page.evaluate("localStorage.length") == 0
     page.reload()  # the tab keeps its key
@@ -148,7 +153,8 @@ def test_submit_from_the_form_watch_the_curves_grow_live_and_download_the_sparse
         record();
     }""")
     page.wait_for_selector("#job-status [data-status=succeeded]", timeout=JOB_TIMEOUT_S * 1000)
-    page.wait_for_function("window.__counts.at(-1) === 4")
+    # (Waits use selectors: the page's CSP forbids the eval behind wait_for_function's polling.)
+    page.wait_for_selector("[data-chart=accuracy] [data-series=test_accuracy][data-points='4']")
     counts = page.evaluate("window.__counts")
     assert page.evaluate("window.__samePage") is True  # no reload happened
     # One point more at each megabatch, the first ones drawn while the page watched.
@@ -177,7 +183,7 @@ def test_submit_from_the_form_watch_the_curves_grow_live_and_download_the_sparse
     if response.ok:
         kept = {m["index"]: m for m in response.json()}
         assert sorted(kept) == [1, 2, 3, 4]
-        page.wait_for_function("document.querySelectorAll('#models-table tbody tr').length === 4")
+        page.wait_for_selector("#models-table tbody tr:nth-child(4)")
         with page.expect_download() as download_info:
             page.click('#models-table a[data-model="2"]')
         digest = hashlib.sha256(Path(download_info.value.path()).read_bytes()).hexdigest()
@@ -185,6 +191,35 @@ def test_submit_from_the_form_watch_the_curves_grow_live_and_download_the_sparse
     else:  # a server without the route: no table, no error
         assert response.status == 404
         assert page.locator("#models-table").count() == 0
+
+
+def test_the_list_filters_by_status_and_pages_with_the_cursor(tab: Tab, serve: Serve, finished_pair: list[str]) -> None:
+    page = tab.page
+    sign_in(tab, serve)
+    page.select_option("#status-filter", "succeeded")
+    page.wait_for_url("**/#/jobs?status=succeeded")
+    page.wait_for_selector(f"#pick-{finished_pair[0]}")
+    statuses = page.eval_on_selector_all("#jobs-table tbody [data-status]", "els => els.map(e => e.dataset.status)")
+    assert statuses and set(statuses) == {"succeeded"}
+    page.select_option("#status-filter", "cancelled")
+    page.wait_for_selector(".empty-note", state="visible")  # none cancelled yet
+    assert page.locator("#jobs-table tbody tr").count() == 0
+
+    # One job a page: newest first, "Older" follows the API's next_cursor, "Newer" goes back.
+    page.goto(f"{serve.url}/#/jobs?limit=1")
+    newest, older = finished_pair[1], finished_pair[0]
+    with serve.client() as client:
+        assert [j["id"] for j in client.list(limit=100)][-2:] == [newest, older]  # the first two jobs
+    page.wait_for_selector("#jobs-table tbody tr")
+    first = page.get_attribute("#jobs-table tbody tr", "data-job")
+    seen = [first]
+    while page.is_enabled("#page-older"):
+        page.click("#page-older")
+        page.wait_for_selector(f"#jobs-table tbody tr:first-child:not([data-job='{seen[-1]}'])")
+        seen.append(page.get_attribute("#jobs-table tbody tr", "data-job"))
+    assert seen[-2:] == [newest, older] and len(seen) == len(set(seen))
+    page.click("#page-newer")
+    page.wait_for_selector(f"#jobs-table tbody tr:first-child[data-job='{seen[-2]}']")
 
 
 def test_compare_two_jobs(tab: Tab, serve: Serve, finished_pair: list[str]) -> None:
@@ -208,18 +243,22 @@ def test_compare_two_jobs(tab: Tab, serve: Serve, finished_pair: list[str]) -> N
     assert page.locator("[data-chart=compare-accuracy] .legend li").count() == 2
 
 
-def test_cancel_a_running_job(tab: Tab, serve: Serve) -> None:
+def test_the_list_shows_a_new_job_without_reload_and_its_page_cancels_it(tab: Tab, serve: Serve) -> None:
     page = tab.page
     sign_in(tab, serve)
+    page.evaluate("window.__samePage = true")
     long_spec = {**TINY, "stream": {"megabatches": 6}, "training": {"epochs": 30, "precision": "fp32", "seed": 3}}
     with serve.client() as client:
         job_id = client.submit(long_spec)["id"]
-        page.goto(f"{serve.url}/#/jobs/{job_id}")
-        page.wait_for_selector("#job-status [data-status=running]", timeout=JOB_TIMEOUT_S * 1000)
+        # The list polls: the job appears, then turns running, with no reload.
+        row = f"#jobs-table tr[data-job='{job_id}']"
+        page.wait_for_selector(f"{row} [data-status=running]", timeout=JOB_TIMEOUT_S * 1000)
+        page.click(f"{row} a[href='#/jobs/{job_id}']")
         page.wait_for_selector("#event-log li[data-type=epoch_ended]", timeout=JOB_TIMEOUT_S * 1000)
         page.click("#cancel-job")
         page.wait_for_selector("#job-status [data-status=cancelled]", timeout=JOB_TIMEOUT_S * 1000)
         assert client.status(job_id)["status"] == "cancelled"
+    assert page.evaluate("window.__samePage") is True
     assert page.locator("#cancel-job").is_hidden()
     assert page.locator("#event-log li[data-type=status_changed]").count() >= 2
 

@@ -1,6 +1,6 @@
-// The dashboard's entry: sign-in, the routes (#/jobs, #/jobs/<id>, #/submit, #/compare?ids=a,b)
-// and the navigation. Each view is a function (root, route) returning {destroy()}: leaving a view
-// stops its timers and closes its event stream.
+// The dashboard's entry: sign-in, the routes (#/jobs?status=&limit=, #/jobs/<id>, #/submit,
+// #/compare?ids=a,b) and the navigation. Each view is a function (root, ...) returning {destroy()}:
+// leaving a view stops its timers and closes its event stream.
 
 import {api, ApiError, onUnauthorized, setKey, signedIn, signOut} from "./api.js";
 import {h, replace} from "./util.js";
@@ -84,7 +84,7 @@ function render() {
   if (section === "jobs" && id) current = jobView(main, id);
   else if (section === "submit") current = submitView(main);
   else if (section === "compare") current = compareView(main, (route.params.get("ids") || "").split(",").filter(Boolean));
-  else current = jobsView(main, {status: route.params.get("status") || ""});
+  else current = jobsView(main, {status: route.params.get("status") || "", limit: route.params.get("limit")});
   const heading = main.querySelector("h1");
   document.title = `${heading ? heading.textContent : "Jobs"} · anytime-prune`;
 }

@@ -44,7 +44,8 @@ function accuracyOf(job) {
 const COLUMNS = ["Compare", "Job", "Status", "Progress", "Method", "Architecture", "Dataset", "Density",
   "Test accuracy", "Submitted"];
 
-export function jobsView(root, {status}) {
+export function jobsView(root, {status, limit}) {
+  const pageSize = Math.min(100, Math.max(1, Number.parseInt(limit, 10) || PAGE_SIZE));
   const controller = new AbortController();
   const selected = loadSelection();
   const cursors = [null];
@@ -141,7 +142,7 @@ export function jobsView(root, {status}) {
     clearTimeout(timer);
     const mine = ++seq;
     const cursor = cursors[pageIndex];
-    const query = new URLSearchParams({limit: String(PAGE_SIZE)});
+    const query = new URLSearchParams({limit: String(pageSize)});
     if (status) query.set("status", status);
     if (cursor) query.set("cursor", cursor);
     try {
