@@ -33,9 +33,22 @@ def submitted_pair(serve: Serve) -> list[str]:
         return [client.submit({**TINY, "method": method})["id"] for method in ("app", "dense")]
 
 
+@pytest.fixture(scope="module")
+def uploaded_dataset(serve: Serve, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small npz uploaded through the datasets API (validated by the control worker meanwhile)."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(90, 8)).astype(np.float32), np.repeat(np.arange(3), 30)
+    path = tmp_path_factory.mktemp("upload") / "blobs.npz"
+    np.savez(path, x_train=x[:60], y_train=y[:60], x_test=x[60:], y_test=y[60:])
+    with serve.client() as client:
+        return str(client.upload_dataset(path, "npz", name="browser blobs", wait=False)["id"])
+
+
 @pytest.fixture(autouse=True)
-def _pair_first(submitted_pair: list[str]) -> None:
-    """Every test of the module starts after the pair was submitted (the first one submits it)."""
+def _pair_first(submitted_pair: list[str], uploaded_dataset: str) -> None:
+    """Every test of the module starts after the pair and the upload were sent (the first one sends them)."""
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +95,27 @@ def test_sign_in_sends_the_key_as_a_bearer_header_never_in_a_url(tab: Tab, serve
     assert page.evaluate("sessionStorage.getItem('anytime-prune.api-key')") is None
 
 
-def test_an_invalid_sparsity_shows_the_servers_reason_next_to_the_field(tab: Tab, serve: Serve) -> None:
+def test_an_invalid_sparsity_shows_the_servers_reason_next_to_the_field(
+    tab: Tab, serve: Serve, uploaded_dataset: str
+) -> None:
     page = tab.page
     sign_in(tab, serve)
     with serve.client() as client:
         before = len(client.list(limit=100))
+        assert client.wait_dataset(uploaded_dataset, timeout_s=JOB_TIMEOUT_S)["status"] == "ready"
     page.click("nav a[data-nav=submit]")
     page.wait_for_selector("#submit-form")
+    # The form offers what the catalog names, and the key's ready uploads.
+    options = page.eval_on_selector_all("#f-dataset option", "els => els.map(e => e.value)")
+    assert {"name:digits", f"id:{uploaded_dataset}", "path:npz"} <= set(options)
+    assert "mlp" in page.eval_on_selector_all("#f-arch option", "els => els.map(e => e.value)")
+    page.select_option("#f-dataset", "path:npz")
+    assert page.is_visible("#f-path")
+    page.select_option("#f-dataset", "name:digits")
+    assert page.is_hidden("#f-path")
+    page.check("#kind-tau")
+    assert page.is_visible("#f-tau") and page.is_hidden("#f-target")
+    page.check("#kind-target")
     page.fill("#f-target", "1.5")
     page.click("#submit-job")
     error = page.wait_for_selector("#f-target-error:not(:empty)")
