@@ -12,15 +12,20 @@ if TYPE_CHECKING:
     from anytime_prune.client import Client
 
 
+def _show(args: argparse.Namespace, secret: str) -> None:
+    if args.json:
+        print_json({"secret": secret})
+    else:
+        print(secret)
+
+
 def cmd_secret(args: argparse.Namespace, client: Client) -> int:
-    secret = client.webhook_secret()
-    print_json({"secret": secret}) if args.json else print(secret)
+    _show(args, client.webhook_secret())
     return 0
 
 
 def cmd_rotate(args: argparse.Namespace, client: Client) -> int:
-    secret = client.rotate_webhook_secret()
-    print_json({"secret": secret}) if args.json else print(secret)
+    _show(args, client.rotate_webhook_secret())
     print("deliveries are signed with this secret from now on; the old one no longer verifies", file=sys.stderr)
     return 0
 

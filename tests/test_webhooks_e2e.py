@@ -242,3 +242,14 @@ def test_a_redirect_is_not_followed(
     assert first["status_code"] == 302 and first["outcome"] == "retrying" and first["next_attempt_at"]
     assert second["webhook_id"] == first["webhook_id"] and second["attempt"] == 2
     assert receiver.at("/target") == [] and len(receiver.at("/redirect")) >= 2
+
+
+def test_cli_shows_and_rotates_the_secret(stack: ServiceStack) -> None:
+    _, key = stack.new_key("rotator")  # its own key: the other tests' deliveries keep their secret
+    before = stack.cli("webhooks", "secret", secret=key)
+    rotated = stack.cli("webhooks", "rotate", "--json", secret=key)
+    after = stack.cli("webhooks", "secret", secret=key)
+    assert before.returncode == rotated.returncode == after.returncode == 0, (before.stderr, rotated.stderr)
+    new = json.loads(rotated.stdout)["secret"]
+    assert new.startswith("whsec_") and new != before.stdout.strip() and after.stdout.strip() == new
+    assert stack.cli("webhooks", "secret", secret="wrong").returncode == 4  # the API's 401
