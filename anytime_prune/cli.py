@@ -9,6 +9,7 @@ import logging
 import sys
 
 from anytime_prune.engine_cli import add_engine_commands
+from anytime_prune.restricted_imagenet_cli import add_restricted_imagenet_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_engine_commands(sub)
+    add_restricted_imagenet_command(sub)
     # find_spec, not try/except ImportError: a real import error in the module must surface.
     if importlib.util.find_spec("anytime_prune.service_cli") is not None:
         from anytime_prune.service_cli import add_service_commands

@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import os
 import statistics
 import sys
 from collections.abc import Iterator, Sequence
@@ -202,10 +203,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     with _user_errors(), _logs_above_the_bar():
-        outcome = run(spec, out, callbacks=[ConsoleProgress(megabatch_lines=False)])
+        outcome = run(spec, out, callbacks=[ConsoleProgress(megabatch_lines=False)], data_options=_data_options())
     print(megabatch_table(outcome.result))
     print(f"wrote {out / 'result.json'}")
     return 0
+
+
+def _data_options() -> Any:
+    """Where image folders larger than memory go (app_engine.data.disk_cache): the cap in
+    APP_DATA_MEMORY_CAP_BYTES, the folder APP_CACHE_DIR (default ~/.cache/anytime-prune)."""
+    from app_engine.data import DataOptions
+
+    with _user_errors():
+        return DataOptions.from_env(os.environ)
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -214,7 +224,7 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     require_engine("compare")
-    from app_engine.report import plot_compare
+    from app_engine.report import plot_compare, plot_layer_density
     from app_engine.runner import run
 
     out = Path(args.out)
@@ -237,7 +247,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     label = " ".join([f"N={n}", *(f"{d}={v}" for d, v in shown.items()), method, f"seed {seed}"])
                     with _user_errors(), _logs_above_the_bar():
                         outcome = run(spec, folder / method / f"seed-{seed}",
-                                      callbacks=[ConsoleProgress(f"[{label}] ", megabatch_lines=False)])
+                                      callbacks=[ConsoleProgress(f"[{label}] ", megabatch_lines=False)],
+                                      data_options=_data_options())
                     r = outcome.result
                     runs.setdefault(method, []).append(r["megabatches"])
                     rows.append({"megabatches": n, **shown, "method": method, "seed": seed,
@@ -248,12 +259,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
             suffix = "".join(f"-{dest}-{value}" for dest, value in shown.items())
             title = " ".join([f"N={n}", *(f"{d}={v}" for d, v in shown.items())])
             plot_compare(runs, out / f"compare-N{n}{suffix}.png", title=title)
+            plot_layer_density(runs, out / f"layers-N{n}{suffix}.png", title=title)
     summary = summarise(rows, varied)
     (out / "compare.json").write_text(json.dumps({"axes": varied, "runs": rows, "summary": summary}, indent=2) + "\n")
     table = compare_table(summary, varied)
     (out / "compare.md").write_text(table + "\n")
     print(table)
-    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and the plots compare-N*.png")
+    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and the plots compare-N*.png (accuracy and "
+          "density per megabatch) and layers-N*.png (final density per layer)")
     return 0
 
 

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DatasetName = Literal["digits", "cifar10", "cifar100", "imagefolder", "npz", "synthetic"]
 ArchitectureName = Literal[
-    "mlp", "cnn_small", "resnet20", "resnet20_a", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50", "vgg16_bn"
+    "mlp", "cnn_small", "resnet20", "resnet20_a", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50",
+    "vgg16_bn", "resnet18_imagenet", "resnet50_imagenet",
 ]
 MethodName = Literal["app", "osp", "dense"]
 PrunerName = Literal["snip", "magnitude", "random", "grasp", "synflow"]

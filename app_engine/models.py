@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 # Smallest spatial side a convolutional model accepts: below it the deep stages of the CIFAR
 # networks would work on nothing but padding.
 MIN_SPATIAL = 8
+# Smallest side of the ImageNet-stem ResNets (``*_imagenet``): the stem divides it by 4 and the
+# stages by 8 more, so 64 px reaches the last stage at 2x2.
+MIN_IMAGENET_SPATIAL = 64
 
 
 class ModelBuilder(Protocol):
@@ -354,14 +357,29 @@ def _resnet(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     shortcut: str = "projection",
+    imagenet_stem: bool = False,
 ) -> nn.Module:
     """CIFAR-style ResNet: 3x3 stride-1 stem (no max-pool), stages halving the size after the first.
 
     For an H x W input the stages see H x W, H/2 x W/2, ... (rounded up); the last stage of a
-    4-stage net sees 1x1 at 8x8 input, which global pooling then passes through.
+    4-stage net sees 1x1 at 8x8 input, which global pooling then passes through. With
+    ``imagenet_stem`` the stem is He et al.'s ImageNet one instead: a 7x7 stride-2 convolution and
+    a 3x3 stride-2 max-pool, so the stages see H/4 x W/4, ... (inputs of at least
+    :data:`MIN_IMAGENET_SPATIAL`).
     """
-    c, _, _ = _image_shape(name, input_shape)
-    layers: list[nn.Module] = [*_conv_bn(c, widths[0]), nn.ReLU(inplace=True)]
+    c, h, w = _image_shape(name, input_shape)
+    if imagenet_stem:
+        if h < MIN_IMAGENET_SPATIAL or w < MIN_IMAGENET_SPATIAL:
+            raise SpecInputError(
+                f"architecture '{name}' (ImageNet stem: 7x7 stride-2 convolution and max-pool) needs images of "
+                f"at least {MIN_IMAGENET_SPATIAL}x{MIN_IMAGENET_SPATIAL}, got input size {h}x{w}: raise "
+                f"dataset.image_size or use architecture '{name.removesuffix('_imagenet')}'"
+            )
+        stem: list[nn.Module] = [*_conv_bn(c, widths[0], kernel=7, stride=2), nn.ReLU(inplace=True),
+                                 nn.MaxPool2d(3, stride=2, padding=1)]
+    else:
+        stem = [*_conv_bn(c, widths[0]), nn.ReLU(inplace=True)]
+    layers: list[nn.Module] = stem
     c_in = widths[0]
     for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
         for i in range(depth):
@@ -397,8 +415,11 @@ def _register_cifar_resnet(name: str, n: int, shortcut: str = "projection") -> N
         )
 
 
-def _register_imagenet_resnet(name: str, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int]) -> None:
-    """ResNet-18/34/50 widths (64..512 per stage) with the CIFAR stem used in the pruning literature."""
+def _register_imagenet_resnet(
+    name: str, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int], imagenet_stem: bool = False
+) -> None:
+    """ResNet-18/34/50 widths (64..512 per stage) with the CIFAR stem used in the pruning literature,
+    or with ``imagenet_stem`` the original ImageNet network (the same parameters as torchvision's)."""
 
     @register_model(name)
     def build(
@@ -413,6 +434,7 @@ def _register_imagenet_resnet(name: str, block: type[BasicBlock] | type[Bottlene
             num_classes=num_classes,
             mean=mean,
             std=std,
+            imagenet_stem=imagenet_stem,
         )
 
 
@@ -455,3 +477,10 @@ def vgg16_bn(
             layers += [*_conv_bn(c, item), nn.ReLU(inplace=True)]
             c = item
     return ImageClassifier(Normalize(mean, std, image=True), nn.Sequential(*layers), c, num_classes)
+
+
+# --- ImageNet ResNets -----------------------------------------------------------------------------
+
+# Registered last: registration order is the spec's ARCHITECTURES order.
+_register_imagenet_resnet("resnet18_imagenet", BasicBlock, (2, 2, 2, 2), imagenet_stem=True)
+_register_imagenet_resnet("resnet50_imagenet", Bottleneck, (3, 4, 6, 3), imagenet_stem=True)

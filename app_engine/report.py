@@ -1,4 +1,4 @@
-"""Plots of the anytime curves: one run, or several methods over seeds.
+"""Plots of the anytime curves: one run, or several methods over seeds; and the final density per layer.
 
 Matplotlib is used through ``Figure`` + ``FigureCanvasAgg`` directly, never pyplot: no global
 figure registry, no backend switch, safe in a worker process and in threads. Each plot exists as a
@@ -8,7 +8,8 @@ the format (png, svg or pdf) follows the file suffix.
 Megabatch entries are :class:`~app_common.events.MegabatchMetrics` or the dicts of ``result.json``'s
 ``megabatches`` list (the same fields, e.g. read back from a file); the fields read here are
 ``index`` (1-based), ``test_accuracy`` (fraction in [0, 1]), ``density`` (fraction of prunable
-weights kept) and ``generalization_gap`` (percentage points). A missing or ``None`` value leaves a
+weights kept), ``layer_density`` (layer name -> fraction kept) and ``generalization_gap``
+(percentage points). A missing or ``None`` value leaves a
 gap in that curve.
 """
 
@@ -168,5 +169,58 @@ def plot_compare(
     """Write :func:`render_compare`'s figure for ``runs`` (method -> per-seed megabatch lists) to ``path``."""
     path = Path(path)
     write_atomic(path, render_compare(runs, title=title, fmt=_format_of(path)))
+    logger.info("wrote %s", path)
+    return path
+
+
+def _final_layers(seeds: Sequence[Megabatches]) -> dict[str, float]:
+    """Mean over seeds of each layer's density after the last megabatch (layers in model order)."""
+    totals: dict[str, list[float]] = {}
+    for megabatches in seeds:
+        if not megabatches:
+            continue
+        layers = _field(megabatches[-1], "layer_density") or {}
+        for name, value in layers.items():
+            totals.setdefault(name, []).append(float(value))
+    return {name: sum(values) / len(values) for name, values in totals.items()}
+
+
+def render_layer_density(
+    runs: Mapping[str, Sequence[Megabatches]], *, title: str | None = None, fmt: str = "png"
+) -> bytes:
+    """Final density of every prunable layer, one line per method (mean over seeds): where each
+    method left its weights. Layers in model order along x, named on the axis."""
+    if not runs:
+        raise ValueError("plot_layer_density needs at least one method")
+    finals = {method: _final_layers(seeds) for method, seeds in runs.items()}
+    layers = list(dict.fromkeys(name for final in finals.values() for name in final))
+    fig = Figure(figsize=(max(6.0, 1.5 + 0.28 * len(layers)), 4.8), layout="constrained")
+    ax = fig.subplots()
+    for i, (method, final) in enumerate(finals.items()):
+        xs = [x for x, name in enumerate(layers) if name in final]
+        ax.plot(xs, [final[layers[x]] for x in xs], marker="o", markersize=4, linewidth=1.4,
+                color=f"C{i % 10}", label=f"{method} (n={len(runs[method])})")
+    if not layers:
+        ax.text(0.5, 0.5, "no per-layer densities", ha="center", va="center", transform=ax.transAxes, color="0.5")
+    ax.set_xticks(range(len(layers)), [name.removesuffix(".weight") for name in layers], rotation=90,
+                  fontsize="x-small")
+    ax.set_xlabel("prunable layer")
+    ax.set_ylabel("final density (fraction kept)")
+    ax.set_ylim(0.0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.set_title("density per layer after the last megabatch: mean over seeds")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return _to_bytes(fig, fmt)
+
+
+def plot_layer_density(
+    runs: Mapping[str, Sequence[Megabatches]], path: str | os.PathLike[str], *, title: str | None = None
+) -> Path:
+    """Write :func:`render_layer_density`'s figure for ``runs`` (method -> per-seed megabatch lists) to ``path``."""
+    path = Path(path)
+    write_atomic(path, render_layer_density(runs, title=title, fmt=_format_of(path)))
     logger.info("wrote %s", path)
     return path

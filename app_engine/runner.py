@@ -43,7 +43,7 @@ from app_common.events import (
 )
 from app_common.spec import JobSpec
 from app_engine.checkpoint import load_checkpoint, save_checkpoint
-from app_engine.data import Dataset, load_dataset
+from app_engine.data import DataOptions, Dataset, load_dataset
 from app_engine.errors import SpecInputError
 from app_engine.export import export_artifacts
 from app_engine.files import atomic_write_json, private_folder
@@ -52,7 +52,15 @@ from app_engine.models import create_model, prunable_parameters
 from app_engine.pruning import Masks, prune
 from app_engine.schedule import PruneSchedule
 from app_engine.stream import Stream, few_shot_indices
-from app_engine.train import MegabatchTraining, Runtime, batch_bounds, evaluate, resolve_runtime, train_megabatch
+from app_engine.train import (
+    MegabatchTraining,
+    Runtime,
+    batch_bounds,
+    evaluate,
+    gather,
+    resolve_runtime,
+    train_megabatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +143,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _batches(
-    x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, batch_size: int
+    x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    idx = idx.to(x.device)
-    return [(x[idx[a:b]], y[idx[a:b]]) for a, b in batch_bounds(len(idx), batch_size)]
+    return [(gather(x, idx[a:b], device), gather(y, idx[a:b], device)) for a, b in batch_bounds(len(idx), batch_size)]
 
 
 def model_info(spec: JobSpec, data: Dataset) -> dict[str, Any]:
@@ -263,11 +270,13 @@ def run(
     callbacks: Sequence[Callback] = (),
     data: Dataset | None = None,
     data_root: Path | None = None,
+    data_options: DataOptions | None = None,
 ) -> RunResult:
     """Run ``spec`` into ``out_dir`` (resuming if it holds a checkpoint of the same spec).
 
     A spec naming an uploaded dataset (``dataset.id``) runs only with its ``data`` loaded by the
     caller (the service's worker, from its dataset cache): the engine never reads the store.
+    ``data_options`` (memory cap, cache folder) apply when the runner loads the data itself.
     """
     if data is None and spec.dataset.id is not None:
         raise SpecInputError("dataset.id names an uploaded dataset: submit the job to the service")
@@ -285,15 +294,18 @@ def run(
     tr, st, sp = spec.training, spec.stream, spec.sparsity
     rt = resolve_runtime(tr.device, tr.precision)
     if data is None:
-        data = load_dataset(spec.dataset, seed=tr.seed)
+        data = load_dataset(spec.dataset, seed=tr.seed, options=data_options)
     augment_mode = tr.augment
     if augment_mode == "auto":
         augment_mode = "crop_flip" if spec.dataset.name in ("cifar10", "cifar100", "imagefolder") else "none"
 
     pool = few_shot_indices(data.y_train, spec.dataset.few_shot, tr.seed) if spec.dataset.few_shot else None
     stream = Stream(len(data.y_train), st, tr.seed, pool=pool)
-    x_train, y_train = data.x_train.to(rt.device), data.y_train.to(rt.device)
-    x_test, y_test = data.x_test.to(rt.device), data.y_test.to(rt.device)
+    # The whole set moves to the device once; a streamed one (larger than the memory cap) stays
+    # in host memory and its batches move as they are used.
+    home = torch.device("cpu") if data.streamed else rt.device
+    x_train, y_train = data.x_train.to(home), data.y_train.to(home)
+    x_test, y_test = data.x_test.to(home), data.y_test.to(home)
 
     state = _build(spec, data, rt)
     info = model_info(spec, data)
@@ -314,7 +326,7 @@ def run(
                 score_idx = stream.score_indices(t, sp.score_fraction, sp.score_source)
                 state.masks = prune(
                     state.model, state.params, state.masks, pruner=sp.pruner, keep=keep, scope=sp.scope,
-                    batches=_batches(x_train, y_train, score_idx, sp.score_batch_size or tr.batch_size),
+                    batches=_batches(x_train, y_train, score_idx, sp.score_batch_size or tr.batch_size, rt.device),
                     seed=_seed_for(tr.seed, t, _PURPOSE_PRUNE),
                 )
                 emit(Pruned(megabatch=t, target_density=keep, density=state.masks.density(), pruner=sp.pruner))

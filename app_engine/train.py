@@ -117,6 +117,12 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def gather(x: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x[idx]`` on ``device``: indexed where ``x`` lives, then moved. For device-resident data
+    both moves are no-ops; a streamed set (host memory, a memory-mapped file) sends one batch."""
+    return x[idx.to(x.device)].to(device, non_blocking=True)
+
+
 def _prepare(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
     if rt.channels_last and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
@@ -130,10 +136,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime) ->
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
     for start in range(0, len(y), EVAL_BATCH):
-        xb = _prepare(x[start : start + EVAL_BATCH], rt)
+        # x and y may be in host memory (a streamed set): batches move to the device.
+        xb = _prepare(x[start : start + EVAL_BATCH].to(rt.device, non_blocking=True), rt)
         with rt.autocast():
             logits = model(xb)
-        correct += (logits.argmax(1) == y[start : start + EVAL_BATCH]).sum()
+        correct += (logits.argmax(1) == y[start : start + EVAL_BATCH].to(rt.device)).sum()
     model.train(was_training)
     return int(correct.item()), len(y)
 
@@ -221,8 +228,9 @@ def train_megabatch(
     optimizer = make_optimizer(model, spec)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    train_idx = train_idx.to(rt.device)
-    x_val, y_val = x[val_idx.to(rt.device)], y[val_idx.to(rt.device)]
+    # Indices live with the data: on the device, or in host memory for a streamed set.
+    train_idx = train_idx.to(x.device)
+    x_val, y_val = x[val_idx.to(x.device)], y[val_idx.to(y.device)]
     n = len(train_idx)
     bs = min(spec.batch_size, n)
     # Drop a trailing batch of one sample: batch norm cannot train on it.
@@ -233,14 +241,14 @@ def train_megabatch(
     t0 = time.perf_counter()
     model.train()
     for epoch in range(spec.epochs):
-        order = train_idx[torch.randperm(n, generator=gen).to(rt.device)]
+        order = train_idx[torch.randperm(n, generator=gen).to(x.device)]
         loss_sum = torch.zeros((), device=rt.device)
         correct = torch.zeros((), dtype=torch.int64, device=rt.device)
         seen = 0
         for step in range(steps):
             idx = order[step * bs : (step + 1) * bs]
-            xb = _prepare(augment(x[idx], augment_mode, gen), rt)
-            yb = y[idx]
+            xb = _prepare(augment(gather(x, idx, rt.device), augment_mode, gen), rt)
+            yb = gather(y, idx, rt.device)
             lr = lr_at(spec, epoch, step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr

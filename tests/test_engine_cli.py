@@ -83,6 +83,8 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     assert "| 2 | app | 2 |" in table and "| 2 | dense | 2 |" in table
     with Image.open(out / "compare-N2.png") as img:
         assert img.size[0] > 200
+    with Image.open(out / "layers-N2.png") as img:  # final density per layer, a line per method
+        assert img.size[0] > 200
     assert "compare.json" in capsys.readouterr().out
 
 
@@ -185,5 +187,6 @@ def test_compare_sweeps_a_grid_of_pruners_and_sparsities(tmp_path, capsys):
     assert "| 2 | 0.8 | magnitude | app | 1 |" in "\n".join(table)
     assert len(table) == 2 + 4
     for cell in ("target_sparsity-0.5-pruner-snip", "target_sparsity-0.8-pruner-magnitude"):
-        with Image.open(out / f"compare-N2-{cell}.png") as img:
-            assert img.size[0] > 200
+        for plot in ("compare", "layers"):
+            with Image.open(out / f"{plot}-N2-{cell}.png") as img:
+                assert img.size[0] > 200

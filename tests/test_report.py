@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_engine.report import _spread, plot_compare, plot_run, render_run
+from app_engine.report import _final_layers, _spread, plot_compare, plot_layer_density, plot_run, render_run
 
 TAU = 4.5
 N = 8
@@ -131,3 +131,19 @@ def test_plot_compare_draws_each_method(tmp_path: Path) -> None:
     assert colour_pixels(pixels, band, tol=4).sum() > 200  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one method"):
         plot_compare({}, tmp_path / "none.png")
+
+
+def test_layer_density_plot_averages_each_layer_over_the_seeds(tmp_path: Path) -> None:
+    def run(layers: dict[str, float]) -> list[dict[str, Any]]:
+        return [dict(mb, layer_density=layers) for mb in megabatches(1, n=2)]
+
+    runs = {
+        "app": [run({"conv1.weight": 0.2, "conv2.weight": 0.6}), run({"conv1.weight": 0.4, "conv2.weight": 0.5})],
+        "dense": [run({"conv1.weight": 1.0, "conv2.weight": 1.0})],
+    }
+    assert _final_layers(runs["app"]) == pytest.approx({"conv1.weight": 0.3, "conv2.weight": 0.55})
+    pixels = open_png(plot_layer_density(runs, tmp_path / "layers.png", title="per layer"))
+    for colour in (C0, C1):  # a line per method
+        assert colour_pixels(pixels, colour).sum() > 50
+    with pytest.raises(ValueError, match="at least one method"):
+        plot_layer_density({}, tmp_path / "none.png")

@@ -41,7 +41,7 @@ from app_engine.errors import RunInputError
 from worker.datasets import sha256_file
 
 if TYPE_CHECKING:
-    from app_engine.data import Dataset
+    from app_engine.data import DataOptions, Dataset
 
 log = logging.getLogger(__name__)
 
@@ -222,4 +222,13 @@ def load_job_data(spec: JobSpec, *, store: JobStore, storage: Storage, settings:
     with cache.open(record) as path:
         # The spec itself stays as submitted (its fingerprint is the same on every host).
         local = spec.dataset.model_copy(update={"path": str(path), "id": None})
-        return load_dataset(local, seed=spec.training.seed)
+        return load_dataset(local, seed=spec.training.seed, options=data_options(settings))
+
+
+def data_options(settings: Settings) -> DataOptions:
+    """The engine's options for sets too large for memory: decoded once into a memory-mapped file
+    under this host's cache folder (``decoded/``, beside the entries; the LRU eviction of entries
+    leaves it alone), past the cap in ``APP_DATA_MEMORY_CAP_BYTES`` (default 4 GiB)."""
+    from app_engine.data import DataOptions
+
+    return DataOptions.from_env(os.environ, cache_dir=Path(settings.cache_dir))

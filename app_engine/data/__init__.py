@@ -31,9 +31,11 @@ from app_engine.data.base import (
     register_dataset,
     stratified_split,
 )
+from app_engine.data.disk_cache import DataOptions
 
 __all__ = [
     "DATASET_LOADERS",
+    "DataOptions",
     "MIN_STD",
     "SPLIT_SEED",
     "TEST_FRACTION",

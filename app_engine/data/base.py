@@ -2,7 +2,9 @@
 
 Every loader returns a :class:`Dataset` with the whole train and test splits in memory as tensors
 (images uint8 ``[N, C, H, W]``, tabular features float32 ``[N, D]``, labels int64 ``[N]``), so the
-trainer can move them to the device once and index batches there. Normalisation statistics are
+trainer can move them to the device once and index batches there (a set larger than the memory
+cap is a ``streamed`` dataset over a memory-mapped file instead, see
+:mod:`app_engine.data.disk_cache`). Normalisation statistics are
 computed from the training split only and travel with the data; models normalise their own input.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from app_common.spec import DatasetSpec
+from app_engine.data.disk_cache import DataOptions, using_options
 from app_engine.errors import RunInputError
 from app_engine.registry import Registry
 
@@ -53,6 +56,9 @@ class Dataset:
     std: tuple[float, ...]
     is_image: bool
     classes: tuple[str, ...] = field(default=())
+    # True when the splits are CPU tensors over a memory-mapped file (a set larger than the memory
+    # cap, app_engine.data.disk_cache): the trainer moves batches to the device, not the whole set.
+    streamed: bool = False
 
     def __post_init__(self) -> None:
         _check_split(self, "train", self.x_train, self.y_train)
@@ -86,6 +92,7 @@ class Dataset:
         *,
         num_classes: int | None = None,
         classes: Iterable[str] | None = None,
+        streamed: bool = False,
     ) -> Dataset:
         """Build a dataset from tensors, computing ``mean``/``std`` from the training split.
 
@@ -107,6 +114,7 @@ class Dataset:
             std=std,
             is_image=x_train.dtype == torch.uint8,
             classes=names,
+            streamed=streamed,
         )
 
 
@@ -178,13 +186,17 @@ def list_datasets() -> list[str]:
     return sorted(DATASET_LOADERS)
 
 
-def load_dataset(spec: DatasetSpec, seed: int) -> Dataset:
+def load_dataset(spec: DatasetSpec, seed: int, *, options: DataOptions | None = None) -> Dataset:
     """Load the dataset a job spec names. ``seed`` only matters for seeded datasets (synthetic);
-    held-out test splits use :data:`SPLIT_SEED` so they never depend on the run seed."""
+    held-out test splits use :data:`SPLIT_SEED` so they never depend on the run seed.
+
+    ``options`` say where a set too large for memory goes (:mod:`app_engine.data.disk_cache`;
+    by default into memory all the same)."""
     loader = DATASET_LOADERS.get(spec.name)
     if loader is None:
         raise DatasetError(f"unknown dataset '{spec.name}'; known: {', '.join(list_datasets())}")
-    ds = loader(spec, seed)
+    with using_options(options or DataOptions()):
+        ds = loader(spec, seed)
     logger.info(
         "dataset %s: %d train, %d test, input %s, %d classes",
         ds.name,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,9 @@ from app_engine.data.base import (
     require_path,
     stratified_split,
 )
+from app_engine.data.disk_cache import content_key, current_options, decoded_array
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -47,9 +53,8 @@ def _read_image(path: Path, size: int) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def _read_class_folders(
-    root: Path, classes: list[str], size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _class_files(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(file, label) of every image under ``root/<class>/``, classes in order, files sorted."""
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         folder = root / name
@@ -59,18 +64,26 @@ def _read_class_folders(
         if not found:
             raise DatasetError(f"{folder}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} files)")
         files.extend((f, label) for f in found)
-    x = np.empty((len(files), 3, size, size), dtype=np.uint8)
-    for i, (f, _) in enumerate(files):
-        x[i] = _read_image(f, size)
-    y = np.fromiter((label for _, label in files), dtype=np.int64, count=len(files))
-    return x, y
+    return files
+
+
+def _decode_into(out: np.ndarray, files: list[Path], rows: list[int], size: int) -> None:
+    """Decode ``files[i]`` into ``out[rows[i]]``, in the order of ``files`` (the first unreadable
+    file in folder order is the one reported)."""
+    for f, row in zip(files, rows, strict=True):
+        out[row] = _read_image(f, size)
 
 
 @register_dataset("imagefolder")
 def load_imagefolder(spec: DatasetSpec, seed: int) -> Dataset:
     """Images in ``path/train/<class>/`` (and ``path/test/<class>/``), read with Pillow as RGB and
     resized to ``spec.image_size`` squared. Classes are the sorted train sub-folder names. Without a
-    ``test/`` folder a stratified 20 % of train is held out, fixed by SPLIT_SEED."""
+    ``test/`` folder a stratified 20 % of train is held out, fixed by SPLIT_SEED.
+
+    The images are decoded into one uint8 array, train then test. A set whose array is larger than
+    the memory cap (:mod:`app_engine.data.disk_cache`) is decoded once into a memory-mapped file in
+    the cache folder, reused while the folder is unchanged, and the dataset is ``streamed``.
+    """
     path = require_path(spec)
     train_dir = path / "train"
     if not train_dir.is_dir():
@@ -78,7 +91,8 @@ def load_imagefolder(spec: DatasetSpec, seed: int) -> Dataset:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DatasetError(f"{train_dir}: no class folders")
-    x, y = _read_class_folders(train_dir, classes, spec.image_size)
+    train = _class_files(train_dir, classes)
+    listed = [f for f, _ in train]  # decoding order; rows: where each lands (train, then test)
     test_dir = path / "test"
     if test_dir.is_dir():
         unknown = sorted(
@@ -86,21 +100,42 @@ def load_imagefolder(spec: DatasetSpec, seed: int) -> Dataset:
         )
         if unknown:
             raise DatasetError(f"{test_dir}: class folders {unknown} have no counterpart in {train_dir}")
-        x_test, y_test = _read_class_folders(test_dir, classes, spec.image_size)
-        if x_test.shape[0] == 0:
+        test = _class_files(test_dir, classes)
+        if not test:
             raise DatasetError(f"{test_dir}: no test images")
-        x_train, y_train = x, y
+        listed += [f for f, _ in test]
+        rows = list(range(len(listed)))
     else:
-        train, test = stratified_split(y, TEST_FRACTION, SPLIT_SEED)
-        if test.size == 0:
+        labels = np.fromiter((label for _, label in train), dtype=np.int64, count=len(train))
+        train_idx, test_idx = stratified_split(labels, TEST_FRACTION, SPLIT_SEED)
+        if test_idx.size == 0:
             raise DatasetError(f"{train_dir}: too few images to hold out a test split (need 2 per class)")
-        x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
+        rows = np.argsort(np.concatenate([train_idx, test_idx])).tolist()
+        train, test = [train[i] for i in train_idx], [train[i] for i in test_idx]
+    files = [f for f, _ in train + test]
+    y = np.fromiter((label for _, label in train + test), dtype=np.int64, count=len(files))
+    size = spec.image_size
+    shape = (len(files), 3, size, size)
+    options = current_options()
+    streamed = math.prod(shape) > options.memory_cap_bytes
+    if streamed and options.cache_dir is None:
+        log.warning("%s: %d bytes decoded exceed the memory cap of %d, but no cache folder is set: "
+                    "loading into memory", path, math.prod(shape), options.memory_cap_bytes)
+        streamed = False
+    if streamed:
+        key = content_key(path, files, size, len(train))
+        x = decoded_array(options, path, key, shape, partial(_decode_into, files=listed, rows=rows, size=size))
+    else:
+        x = np.empty(shape, dtype=np.uint8)
+        _decode_into(x, listed, rows, size)
+    n = len(train)
     return Dataset.from_tensors(
         "imagefolder",
-        torch.from_numpy(x_train),
-        torch.from_numpy(y_train),
-        torch.from_numpy(x_test),
-        torch.from_numpy(y_test),
+        torch.from_numpy(x[:n]),
+        torch.from_numpy(y[:n]),
+        torch.from_numpy(x[n:]),
+        torch.from_numpy(y[n:]),
         num_classes=len(classes),
         classes=classes,
+        streamed=streamed,
     )
