@@ -91,6 +91,11 @@ async def test_models_are_listed_while_the_job_runs_and_after(api: Api, engine_r
     # Another key's job does not exist.
     assert_problem(await api.client.get(url, headers=api.b), 404)
     assert_problem(await api.client.get(f"{url}/best", params={"max_density": 0.5}, headers=api.b), 404)
+    # Deleting the job deletes its models and their index.
+    assert (await api.client.delete(f"/api/v1/jobs/{job_id}", headers=api.a)).status_code == 204
+    assert_problem(await api.client.get(url, headers=api.a), 404)
+    assert_problem(await api.client.get(listed[0]["download_url"]), 404)
+    assert not list(api.settings.open_storage().list(f"jobs/{job_id}/"))
 
 
 async def test_best_model_by_density_or_accuracy(api: Api, engine_run: Any) -> None:
