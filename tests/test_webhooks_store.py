@@ -206,3 +206,19 @@ def test_the_courier_refuses_a_private_address_at_delivery_and_gives_up_after_th
         assert courier.attempt(msg_id, token) is None  # gone: nothing to do
     finally:
         courier.stop()
+
+
+def test_a_delivery_whose_body_cannot_be_built_is_given_up_at_once(store: JobStore) -> None:
+    from worker.courier import Courier
+
+    job_id = job_with(store, ["completed"])
+    store.request_cancel(job_id)
+    token, [msg_id] = store.claim_deliveries(10, 60.0)
+    store.redis.hset(store.names.webhook_message(msg_id), "record", "[]")  # no record kept
+    courier = Courier(store, Settings(webhook_allow_private=True))
+    try:
+        entry = courier.attempt(msg_id, token)
+    finally:
+        courier.stop()
+    assert entry is not None and entry["outcome"] == "failed" and entry["error"].startswith("could not build")
+    assert store.pending_deliveries() == 0  # not retried forever

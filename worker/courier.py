@@ -135,13 +135,19 @@ class Courier(threading.Thread):
         delivery = self.store.get_delivery(msg_id)
         if delivery is None or delivery.claim != token:
             return None
-        body = delivery.body or build_body(delivery)
         number = delivery.attempts + 1
         started = datetime.now(UTC)
-        status_code, error = self._send(delivery, body, started)
+        status_code: int | None = None
+        error: str | None = None
+        try:
+            body = delivery.body or build_body(delivery)
+        except (ValueError, TypeError, KeyError) as exc:  # a record this version cannot read: give up now
+            body, error = "", f"could not build the body: {exc}"[:_MAX_ERROR]
+        else:
+            status_code, error = self._send(delivery, body, started)
         delivered = status_code is not None and 200 <= status_code < 300
         next_at_ms: int | None = None
-        if not delivered and number < self.settings.webhook_max_attempts:
+        if not delivered and body and number < self.settings.webhook_max_attempts:
             delay = retry_delay_s(number, base_s=self.settings.webhook_retry_base_s,
                                   max_s=self.settings.webhook_retry_max_s)
             next_at_ms = now_ms() + int(delay * 1000)
