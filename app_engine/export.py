@@ -6,7 +6,8 @@ Everything is written without pickle: tensors go into safetensors files, the res
     model.safetensors          dense state dict, masks folded in (pruned weights are +0.0)
     masks.safetensors          one packed-bit mask per prunable parameter (see app_engine.sparse)
     model.sparse.safetensors   the same state dict, pruned tensors as bitmask + non-zero values
-    model.onnx                 only when asked for and the ``onnx`` package is installed
+    model.onnx                 only when asked for and the ``onnx`` extra is installed: one file,
+                               weights inside, checked under ONNX Runtime (app_engine.onnx_export)
     report.png                 the anytime curves (see :mod:`app_engine.report`)
     manifest.json              spec, versions, model info, metrics, densities, sha256 of each file
 
@@ -18,13 +19,10 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
 import platform
-import tempfile
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from torch import nn
 
 import app_engine
 from app_common.spec import JobSpec
+from app_engine import onnx_export
 from app_engine.files import private_folder, sha256_hex, write_atomic
 from app_engine.loading import (
     FILE_FORMATS,
@@ -177,25 +176,12 @@ def _density_summary(
 
 
 def _onnx_bytes(model: nn.Module, folded: Mapping[str, torch.Tensor], input_shape: list[int]) -> bytes:
-    """The folded model as ONNX, exported with a float input ``[batch, *input_shape]`` in 0..1."""
+    """The folded model as one self-contained ONNX file, checked under ONNX Runtime (see
+    :mod:`app_engine.onnx_export`): float input ``[batch, *input_shape]`` in 0..1, ``logits`` out."""
     export_model = copy.deepcopy(model).to("cpu")
     export_model.load_state_dict(dict(folded))
     export_model.eval()
-    dummy = torch.zeros(1, *input_shape)
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / ONNX_FILE
-        # The exporters warn about their own future; those warnings are not about this run.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                export_model,
-                (dummy,),
-                str(target),
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        return target.read_bytes()
+    return onnx_export.onnx_bytes(export_model, input_shape)
 
 
 # Measured, not reproduced: kept out of the hashed manifest (result.json still has them), so that
@@ -271,8 +257,9 @@ def export_artifacts(
     if "sparse" in wanted:
         put(SPARSE_FILE, encode_sparse(folded, metadata={"model_info": info_json}))
     if "onnx" in wanted:
-        if importlib.util.find_spec("onnx") is None:
-            reason = "the 'onnx' package is not installed"
+        missing = onnx_export.missing_packages()
+        if missing:
+            reason = f"the 'onnx' extra is not installed (missing {', '.join(missing)})"
             logger.warning("skipping %s: %s", ONNX_FILE, reason)
             skipped.append({"name": ONNX_FILE, "format": "onnx", "reason": reason})
         else:
