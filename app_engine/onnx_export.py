@@ -93,16 +93,20 @@ def as_onnx_input(x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     # The exporter warns about its own future and logs which torchvision ops it skips (torchvision
-    # is not used here); neither is about this model, and pytest treats warnings as errors.
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    level = torch_onnx_log.level
-    torch_onnx_log.setLevel(logging.ERROR)
+    # is not used here), its optimiser every pass it applies; none of it is about this model, and
+    # pytest treats warnings as errors. Failures still raise.
+    levels = {"torch.onnx": logging.ERROR, "onnxscript": logging.WARNING, "onnx_ir": logging.WARNING}
+    loggers = {logging.getLogger(name): level for name, level in levels.items()}
+    saved = {log: log.level for log in loggers}
+    for log, level in loggers.items():
+        log.setLevel(max(level, log.level))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        torch_onnx_log.setLevel(level)
+        for log, level in saved.items():
+            log.setLevel(level)
 
 
 def _export(model: nn.Module, input_shape: Sequence[int], opset_version: int | None) -> bytes:
@@ -136,8 +140,8 @@ def _export(model: nn.Module, input_shape: Sequence[int], opset_version: int | N
 def onnx_bytes(model: nn.Module, input_shape: Sequence[int], *, opset_version: int | None = None) -> bytes:
     """``model`` as one self-contained ONNX file, checked against PyTorch under ONNX Runtime.
 
-    ``model`` is used as it is (fold the masks into its weights first); it is exported from a CPU
-    copy in eval mode and left untouched. ``input_shape`` is one sample's shape. Raises
+    ``model`` is used as it is (fold the masks into its weights first), in eval mode on the CPU (a
+    copy when it is not so already); it is left untouched. ``input_shape`` is one sample's shape. Raises
     ``OnnxExportError`` (or the exporter's own error) saying why when no correct file comes out;
     ``ModuleNotFoundError`` when a package of the ``onnx`` extra is missing.
     """
