@@ -86,6 +86,9 @@ class MegabatchMetrics:
     # Eval mode, no augmentation, a fixed subset of the training data; None when not measured.
     train_accuracy_clean: float | None = None
     generalization_gap_clean: float | None = None
+    # The most GPU memory tensors held at once during this megabatch (pruning, training,
+    # measuring), in bytes; None on a CPU and in records written before it was measured.
+    peak_gpu_memory_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

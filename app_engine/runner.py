@@ -58,6 +58,8 @@ from app_engine.train import (
     batch_bounds,
     evaluate,
     gather,
+    peak_memory,
+    reset_peak_memory,
     resolve_runtime,
     train_megabatch,
 )
@@ -260,6 +262,7 @@ def _measure(
         epochs=trained.epochs,
         train_accuracy_clean=clean,
         generalization_gap_clean=100.0 * (clean - trained.val_accuracy),
+        peak_gpu_memory_bytes=peak_memory(rt),
     )
 
 
@@ -320,6 +323,7 @@ def run(
                         device=str(rt.device), precision=rt.precision))
         for t in range(state.done + 1, st.megabatches + 1):
             t0 = time.perf_counter()
+            reset_peak_memory(rt)
             train_idx, val_idx = stream.train_indices(t), stream.val_indices(t)
             keep = schedule.prune_to(t)
             if keep is not None:

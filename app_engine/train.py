@@ -9,13 +9,14 @@ are accumulated on the device so the host synchronises once per epoch, not once 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +24,19 @@ from torch import nn
 
 from app_common.events import EpochEnded
 from app_common.spec import TrainingSpec
-from app_engine.errors import TrainingDiverged
+from app_engine.errors import SpecInputError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1024
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class BatchTooLarge(SpecInputError):
+    """A batch of ``training.batch_size`` samples does not fit in the device's memory: a retry on
+    the same device fails the same way, so a smaller batch size is the input's to choose."""
 
 
 @dataclass(frozen=True)
@@ -77,10 +86,19 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
     convolution and batch-norm kernels are faster than the NCHW ones. The layout only changes the
     order of floating-point sums. Measured on a 2-core AMD EPYC (docs/benchmarks.md), resnet20 at
     32x32 trains ~1.3x faster in fp32 NHWC than in fp32 NCHW and ~2.1x faster in bf16 NHWC.
+
+    On CUDA it also selects deterministic cuDNN algorithms for the process, so that a resumed run
+    gives the same metrics as an uninterrupted one. ``cuda`` on a machine without a CUDA device is a
+    :class:`SpecInputError` that names ``training.device``.
     """
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("training.device: 'cuda' was asked for but no CUDA device is available")
+        raise SpecInputError(_no_cuda_message())
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if dev.type == "cuda":
+        # Deterministic cuDNN algorithms, and no autotuning (whose pick can vary from run to run):
+        # a run resumed from a checkpoint then reproduces an uninterrupted one on CUDA as on CPU.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     if precision == "bf16":
         dtype: torch.dtype | None = torch.bfloat16
     elif precision == "fp32":
@@ -91,6 +109,72 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
         dtype = torch.bfloat16 if cpu_has_native_bf16() else None
     channels_last = dev.type == "cuda" or _mkldnn_available()
     return Runtime(device=dev, autocast_dtype=dtype, channels_last=channels_last)
+
+
+def _no_cuda_message() -> str:
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is a CPU-only build"
+    else:
+        why = f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) finds no usable GPU"
+    return (
+        f"training.device is 'cuda' but this machine has no CUDA device: {why}; use training.device 'auto' "
+        "(a GPU when there is one) or 'cpu', or run the job on a GPU worker"
+    )
+
+
+def reset_peak_memory(rt: Runtime) -> None:
+    """Start a new peak for :func:`peak_memory` (CUDA; nothing to do on a CPU)."""
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+
+
+def peak_memory(rt: Runtime) -> int | None:
+    """The most device memory that tensors held at once since :func:`reset_peak_memory`, in bytes
+    (``torch.cuda.max_memory_allocated``: the allocator's unused cache is not counted); None on a CPU."""
+    if rt.device.type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(rt.device))
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type != "cuda":
+        return str(device)
+    props = torch.cuda.get_device_properties(device)
+    return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+
+
+def out_of_memory_message(batch_size: int, device: torch.device, megabatch: int) -> str:
+    """What :class:`BatchTooLarge` says: the field, the device, and a batch size to try."""
+    if batch_size > 1:
+        advice = f"use a smaller batch size, e.g. training.batch_size: {batch_size // 2}"
+    else:
+        advice = "even one sample does not fit: use a smaller architecture or smaller images"
+    return (
+        f"training.batch_size {batch_size} does not fit in the memory of {_device_label(device)} "
+        f"(out of memory in megabatch {megabatch}); {advice}"
+    )
+
+
+def _explains_out_of_memory(train: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn the device's out-of-memory error inside ``train`` (keyword arguments ``spec``, ``rt``,
+    ``megabatch``) into a :class:`BatchTooLarge` that names ``training.batch_size``."""
+
+    @functools.wraps(train)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return train(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError, whatever the device
+            # The text only: a log record holding the error would keep its frames' tensors alive.
+            log.warning("out of device memory: %s", str(exc))
+        # Out of memory. Raised here, outside the handler: the failed step's frames and tensors go
+        # with the original error (a chained one would keep them), and the cache returns to the device.
+        spec, rt, megabatch = kwargs["spec"], kwargs["rt"], kwargs["megabatch"]
+        assert isinstance(spec, TrainingSpec) and isinstance(rt, Runtime) and isinstance(megabatch, int)
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise BatchTooLarge(out_of_memory_message(spec.batch_size, rt.device, megabatch))
+
+    return wrapper
 
 
 def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -200,6 +284,7 @@ class MegabatchTraining:
     optimizer_state: dict[str, Any] | None = None
 
 
+@_explains_out_of_memory
 def train_megabatch(
     model: nn.Module,
     *,
@@ -221,7 +306,8 @@ def train_megabatch(
     ``apply_masks`` is called after every optimizer step to keep pruned weights at zero. ``emit``
     receives an :class:`EpochEnded` after every epoch; whatever it raises (the runner's ``StopRun``)
     ends the training there. ``optimizer_state`` (the previous megabatch's, with
-    ``spec.momentum_carry``) carries the SGD momentum over.
+    ``spec.momentum_carry``) carries the SGD momentum over. Running out of device memory raises
+    :class:`BatchTooLarge`, which suggests a smaller ``training.batch_size``.
     """
     # By default a fresh SGD per megabatch: the momentum of the previous megabatch's last (not
     # selected) epoch does not leak into the restored model. The LR schedule restarts either way.
