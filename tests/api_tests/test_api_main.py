@@ -30,8 +30,10 @@ async def test_openapi_document(api: Api) -> None:
     }
     assert all(p.startswith("/api/v1/") or p in ("/healthz", "/readyz", "/metrics") for p in doc["paths"])
     create = doc["paths"]["/api/v1/jobs"]["post"]
-    assert create["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobSpec"}
-    assert set(doc["components"]["schemas"]["JobSpec"]["properties"]) == set(S.JobSpec.model_fields)
+    # The body is the job spec itself plus the service options (notify, tracking) beside its fields.
+    assert create["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobCreate"}
+    assert set(doc["components"]["schemas"]["JobCreate"]["properties"]) == set(S.JobSpec.model_fields) | {
+        "notify", "tracking"}
     assert create["responses"]["422"]["content"] == {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}
     assert "HTTPValidationError" not in doc["components"]["schemas"]
     assert (await api.client.get("/docs")).status_code == 200
