@@ -11,7 +11,7 @@ import pytest
 from worker_support import SPEC, events, sha256_of, spec_with, wait_for_event
 
 from app_common.settings import Settings
-from app_common.storage import artifact_key, job_prefix
+from app_common.storage import artifact_key, job_prefix, models_index_key
 from app_common.store import JobStore
 from worker.job import OUTCOME_DUPLICATE, OUTCOME_SKIPPED, execute_job
 
@@ -24,8 +24,8 @@ def test_execute_job_runs_to_success(store: JobStore, settings: Settings) -> Non
     assert [e["type"] for e in stream] == [
         "status_changed",
         "run_started",
-        "pruned", "epoch_ended", "checkpoint_written", "megabatch_ended",
-        "pruned", "epoch_ended", "checkpoint_written", "megabatch_ended",
+        "pruned", "epoch_ended", "model_written", "checkpoint_written", "megabatch_ended",
+        "pruned", "epoch_ended", "model_written", "checkpoint_written", "megabatch_ended",
         "run_ended",
         "status_changed",
     ]
@@ -64,9 +64,12 @@ def test_execute_job_runs_to_success(store: JobStore, settings: Settings) -> Non
         assert path is not None and path.stat().st_size == artifact.bytes
         assert sha256_of(path) == artifact.sha256
         assert "path" not in artifact.model_dump()  # server paths stay on the server
+    # Besides them: the model kept after each megabatch (its two files) and the index listing them.
+    kept = [f"megabatch-{m:04d}/{f}" for m in (1, 2) for f in ("manifest.json", "model.sparse.safetensors")]
     assert [o.key for o in storage.list(job_prefix(job.id))] == sorted(
-        artifact_key(job.id, name) for name in names
+        [*(artifact_key(job.id, name) for name in [*names, *kept]), models_index_key(job.id)]
     )
+    assert [m["index"] for m in result["megabatch_models"]] == [1, 2]
     assert not (settings.artifacts_dir / job.id).exists()
     assert not store.lease_alive(job.id)
 
