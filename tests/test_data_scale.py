@@ -5,6 +5,8 @@ as the in-memory path."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,15 @@ def test_an_unreadable_image_leaves_no_cache_file(tmp_path: Path) -> None:
         load_dataset(DatasetSpec(name="imagefolder", path=str(data), image_size=8), seed=0,
                      options=DataOptions(memory_cap_bytes=0, cache_dir=cache))
     assert decoded_files(cache) == []  # neither a final nor a temporary file
+    # What a loader killed mid-decode leaves is removed by the next decode once a day old.
+    (data / "train" / "green" / "005.png").unlink()
+    stale, fresh = cache / DECODED / ".x.npy.dead.tmp", cache / DECODED / ".y.npy.busy.tmp"
+    for leftover in (stale, fresh):
+        leftover.write_bytes(b"half a file")
+    os.utime(stale, (time.time() - 2 * 24 * 3600,) * 2)
+    load_dataset(DatasetSpec(name="imagefolder", path=str(data), image_size=8), seed=0,
+                 options=DataOptions(memory_cap_bytes=0, cache_dir=cache))
+    assert not stale.exists() and fresh.exists()
 
 
 def test_options_from_the_environment() -> None:

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -44,6 +45,8 @@ DEFAULT_MEMORY_CAP = 4 * 2**30
 DECODED = "decoded"
 # Part of every content key: bump it when the decoder's output changes for the same files.
 DECODER_VERSION = 1
+# A temporary file untouched this long belongs to a loader that died.
+STALE_TMP_S = 24 * 3600
 
 
 class DataOptionError(RunInputError):
@@ -133,6 +136,7 @@ def decoded_array(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataOptionError(f"{folder}: cannot create the decoded-data cache folder ({exc})") from None
+    _remove_stale(folder)
     tmp = folder / f".{final.name}.{uuid.uuid4().hex}.tmp"
     log.info("%s: decoding %s images into %s", source, shape[0], final)
     try:
@@ -149,6 +153,16 @@ def decoded_array(
             # An older content of the same folder; a reader that still maps it keeps its pages.
             old.unlink(missing_ok=True)
     return _map(final)
+
+
+def _remove_stale(folder: Path) -> None:
+    """Delete temporary files a loader killed mid-decode left behind (a decode in progress
+    rewrites its file far more often than once a day)."""
+    cutoff = time.time() - STALE_TMP_S
+    for leftover in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def _map(path: Path) -> np.ndarray:
