@@ -21,7 +21,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app_common.jobs import ArtifactInfo
-from app_common.storage import Storage, StorageError, models_index_key
+from app_common.storage import Storage, models_index_key
 
 MODEL_NAME = "model.sparse.safetensors"
 MANIFEST_NAME = "manifest.json"
@@ -114,7 +114,8 @@ def best_model(
 
 def read_model_index(storage: Storage, job_id: str) -> ModelIndex:
     """The job's kept models as the store lists them (empty when it lists none yet). Raises
-    :class:`~app_common.storage.StorageError` when the store cannot be read or the index is damaged."""
+    :class:`~app_common.storage.StorageError` when the store cannot be read, ``ValueError`` when
+    the index is damaged."""
     try:
         raw = b"".join(storage.iter_chunks(models_index_key(job_id)))
     except KeyError:  # ObjectNotFound: no model kept yet
@@ -122,4 +123,4 @@ def read_model_index(storage: Storage, job_id: str) -> ModelIndex:
     try:
         return ModelIndex.model_validate_json(raw)
     except ValidationError as exc:
-        raise StorageError(f"job {job_id}: the stored model index is unreadable ({exc.error_count()} errors)") from None
+        raise ValueError(f"job {job_id}: the stored model index is unreadable ({exc.error_count()} errors)") from None

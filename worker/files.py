@@ -73,7 +73,11 @@ class RunFolderMirror:
         record_name, folder = _layout()
         discard_local(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.models = read_model_index(self.storage, self.job_id)
+        try:
+            self.models = read_model_index(self.storage, self.job_id)
+        except ValueError as exc:  # the models are optional: a damaged list must not fail the job
+            log.warning("%s; it will list the models kept from now on", exc)
+            self.models = ModelIndex()
         try:
             raw = b"".join(self.storage.iter_chunks(self.prefix + record_name))
         except KeyError:  # ObjectNotFound: nothing was checkpointed yet

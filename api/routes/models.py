@@ -82,10 +82,10 @@ class _Links:
 
 
 def stored_models(storage: Storage, job_id: str) -> ModelIndex:
-    """The job's model index; a store that cannot be read is a 503 (retry later)."""
+    """The job's model index; a store that cannot be read (or a damaged index) is a 503."""
     try:
         return read_model_index(storage, job_id)
-    except StorageError as exc:
+    except (StorageError, ValueError) as exc:  # unreachable, or damaged (the next megabatch rewrites it)
         log.warning("job %s: could not read its model index: %s", job_id, exc)
         raise ApiProblem(503, "the object store is unavailable", slug="storage-unavailable",
                          headers={"Retry-After": "2"}) from None

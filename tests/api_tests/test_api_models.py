@@ -17,7 +17,7 @@ from app_common.events import ModelWritten
 from app_common.jobs import ArtifactInfo
 from app_common.megabatch_models import MegabatchModel, best_model
 from app_common.spec import JobSpec
-from app_common.storage import artifact_key
+from app_common.storage import artifact_key, models_index_key
 from worker.files import RunFolderMirror
 
 pytestmark = pytest.mark.anyio
@@ -167,3 +167,13 @@ async def test_only_listed_megabatch_files_are_served(api: Api, engine_run: Any)
     quoted = httpx.URL(f"http://testserver{base}/megabatch-0001%2Fmodel.sparse.safetensors",
                        params={"expires": expires, "sig": sign("test-signing-secret", job_id, name, expires)})
     assert (await api.client.get(quoted)).status_code == 200
+
+
+async def test_a_damaged_index_is_a_503_and_does_not_fail_the_worker(api: Api, tmp_path: Path) -> None:
+    job_id = (await api.submit(SPEC))["id"]
+    storage = api.settings.open_storage()
+    storage.put_stream(models_index_key(job_id), [b'{"models": [{"index": "x"}]}'])
+    body = assert_problem(await api.client.get(f"/api/v1/jobs/{job_id}/models", headers=api.a), 503)
+    assert body["type"].endswith("storage-unavailable")
+    mirror = RunFolderMirror(storage, job_id, tmp_path / "work")
+    assert mirror.fetch() is None and mirror.models.models == []  # starts a new list
