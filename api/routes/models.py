@@ -76,7 +76,8 @@ class _Links:
         for info in model.files:
             url, expires_at = self(info.name)
             files.append(ArtifactPublic(**info.model_dump(), download_url=url, expires_at=expires_at))
-        url, expires_at = self(model.name)
+        own = next((f for f in files if f.name == model.name), None)
+        url, expires_at = (own.download_url, own.expires_at) if own is not None else self(model.name)
         fields = model.model_dump(exclude={"files"})
         return ModelPublic(**fields, download_url=url, expires_at=expires_at, files=files)
 
