@@ -176,3 +176,21 @@ def test_streamed_batches_train_on_cuda_as_device_resident_data_does(tmp_path: P
     for disk, memory in zip(from_disk["megabatches"], in_memory["megabatches"], strict=True):
         assert disk["density"] == memory["density"]
         assert disk["test_accuracy"] == pytest.approx(memory["test_accuracy"], abs=0.3)
+
+
+def test_a_worker_decodes_a_large_data_folder_set_into_its_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker loads a dataset.path job's data itself, with its cache folder and the cap from
+    the environment (an uploaded dataset goes the same way, from its cache entry)."""
+    from app_common.settings import Settings
+    from worker.dataset_cache import load_path_data
+
+    make_folder(tmp_path / "data" / "pics")
+    settings = Settings(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+    spec = JobSpec.from_dict({"dataset": {"name": "imagefolder", "path": "pics", "image_size": 8}})
+    monkeypatch.setenv(ENV_MEMORY_CAP, "1000")
+    data = load_path_data(spec, settings)
+    assert data.streamed and len(decoded_files(tmp_path / "cache")) == 1
+    monkeypatch.delenv(ENV_MEMORY_CAP)
+    assert not load_path_data(spec, settings).streamed

@@ -204,11 +204,12 @@ class DatasetCache:
 
 def load_job_data(spec: JobSpec, *, store: JobStore, storage: Storage, settings: Settings) -> Dataset | None:
     """The data of a job on an uploaded dataset (``dataset.id``), loaded through this host's
-    cache; None for any other job (the engine loads those itself). Raises
-    :class:`DatasetUnavailable` when the dataset is gone or not ready."""
+    cache, or on files under the data folder (``dataset.path``, :func:`load_path_data`); None for
+    built-in data (the engine loads it itself). Raises :class:`DatasetUnavailable` when the
+    dataset is gone or not ready."""
     dataset_id = spec.dataset.id
     if dataset_id is None:
-        return None
+        return load_path_data(spec, settings) if spec.dataset.path is not None else None
     from app_engine.data import load_dataset
 
     record = store.get_dataset(dataset_id)
@@ -223,6 +224,17 @@ def load_job_data(spec: JobSpec, *, store: JobStore, storage: Storage, settings:
         # The spec itself stays as submitted (its fingerprint is the same on every host).
         local = spec.dataset.model_copy(update={"path": str(path), "id": None})
         return load_dataset(local, seed=spec.training.seed, options=data_options(settings))
+
+
+def load_path_data(spec: JobSpec, settings: Settings) -> Dataset:
+    """The data of a job on files under the data folder (``dataset.path``, checked beforehand by
+    the job), loaded here rather than by the engine so that a set too large for memory is decoded
+    into this host's cache (:func:`data_options`)."""
+    from app_engine.data import load_dataset
+    from app_engine.runner import resolve_dataset_path
+
+    local = resolve_dataset_path(spec, Path(settings.data_dir)).dataset
+    return load_dataset(local, seed=spec.training.seed, options=data_options(settings))
 
 
 def data_options(settings: Settings) -> DataOptions:
