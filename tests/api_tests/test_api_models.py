@@ -5,17 +5,20 @@ the job runs and after, chosen by density or accuracy, downloaded through signed
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from api_support import Api, assert_problem
+from api_support import Api, assert_problem, make_api
+from s3_server import S3Server
 
 from api.signing import sign
 from app_common.events import ModelWritten
 from app_common.jobs import ArtifactInfo
 from app_common.megabatch_models import MegabatchModel, best_model
+from app_common.settings import Settings
 from app_common.spec import JobSpec
 from app_common.storage import artifact_key, models_index_key
 from worker.files import RunFolderMirror
@@ -177,3 +180,27 @@ async def test_a_damaged_index_is_a_503_and_does_not_fail_the_worker(api: Api, t
     assert body["type"].endswith("storage-unavailable")
     mirror = RunFolderMirror(storage, job_id, tmp_path / "work")
     assert mirror.fetch() is None and mirror.models.models == []  # starts a new list
+
+
+@pytest.fixture
+async def s3_api(settings: Settings, s3_server: S3Server, s3_bucket: str,
+                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Api]:
+    """The API on an S3 store (SeaweedFS), configured the AWS way."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    async for value in make_api(settings.model_copy(update={"storage_url": f"s3://{s3_bucket}/svc"})):
+        yield value
+
+
+async def test_with_an_s3_store_the_links_are_presigned(s3_api: Api, s3_server: S3Server, engine_run: Any) -> None:
+    out = engine_run[0]
+    job_id, _ = await running_job(s3_api, engine_run, 2)
+    listed = (await s3_api.client.get(f"/api/v1/jobs/{job_id}/models", headers=s3_api.a)).json()
+    assert [m["index"] for m in listed] == [1, 2]
+    async with httpx.AsyncClient() as store_client:  # straight to the store, no API key
+        for m in listed:
+            assert m["download_url"].startswith(f"{s3_server.endpoint_url}/")
+            d = await store_client.get(m["download_url"])
+            assert d.status_code == 200 and d.content == (out / m["name"]).read_bytes()
+            flat = m["name"].replace("/", "-")
+            assert d.headers["content-disposition"] == f'attachment; filename="{flat}"'
