@@ -38,10 +38,19 @@ else
     site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     "$python" -c 'import site; print("\n".join(site.getsitepackages()))' > "$site/gpu-check-base.pth"
     echo "gpu-check: installing the project's dependencies from $wheelhouse into $venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-index \
-        --find-links "$wheelhouse" "anytime-prune[api,worker,client]"
+    # The machine's pip configuration (indexes, constraint files) has no say: wheels only from here.
+    pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-index)
+    if PIP_CONFIG_FILE=/dev/null PIP_CONSTRAINT="" "${pip[@]}" --find-links "$wheelhouse" \
+        "anytime-prune[api,worker,client]"; then
+        install="$wheelhouse into $venv (--system-site-packages, the machine's torch)"
+    else
+        # One of the machine's own packages is older than the project asks for, and the wheelhouse
+        # leaves it out (numpy, scikit-learn, ...): install every wheel as it is and carry on.
+        echo "gpu-check: the install did not resolve; installing every wheel of $wheelhouse without dependency checks"
+        PIP_CONFIG_FILE=/dev/null PIP_CONSTRAINT="" "${pip[@]}" --no-deps "$wheelhouse"/*.whl
+        install="$wheelhouse into $venv with --no-deps (the resolver failed: see the log)"
+    fi
     python="$venv/bin/python"
-    install="$wheelhouse into $venv (--system-site-packages, the machine's torch)"
 fi
 "$python" -c "import torch; print(f'gpu-check: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}')"
 # The working tree's code runs (scripts/gpu_check.py puts it first on the path, and so on its

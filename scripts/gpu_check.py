@@ -320,7 +320,7 @@ def table(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     steps, rows = report["steps"], []
     env = report["environment"]
     rows.append(("machine", f"{env['gpu'] or 'no GPU (dry run on the CPU)'}, torch {env['torch']}, "
-                 f"CUDA {env['cuda_build']}, Python {env['python']}", ""))
+                 f"CUDA {env['cuda_build']}, Python {env['python']}; install: {env['install']}", ""))
     for name, step in steps.items():
         if name == "bench" and "runs" in step:
             for arch, b in step["runs"].items():
