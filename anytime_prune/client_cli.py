@@ -24,6 +24,7 @@ from app_common.events import (
     MegabatchMetrics,
     RunStarted,
     StatusChanged,
+    WarningIssued,
     event_from_dict,
 )
 
@@ -135,12 +136,11 @@ class EventProgress:
         except (TypeError, ValueError):
             log.debug("unreadable event %s: %s", event.type, event.data)
             return
+        if isinstance(typed, WarningIssued):
+            self.say(f"{self.label}warning ({typed.source}): {typed.message}", logging.WARNING)
+            return
         if isinstance(typed, StatusChanged):
-            line = f"{self.label}status: {typed.status}" + (f" ({typed.reason})" if typed.reason else "")
-            if self.console is not None and self.console.bar is not None:
-                self.console.bar.write(line)
-            else:
-                log.info("%s", line)
+            self.say(f"{self.label}status: {typed.status}" + (f" ({typed.reason})" if typed.reason else ""))
             if event.terminal_status:
                 self.close()
             return
@@ -150,6 +150,13 @@ class EventProgress:
             self.console = ConsoleProgress(self.label)
         if self.console is not None:
             self.console(typed)
+
+    def say(self, line: str, level: int = logging.INFO) -> None:
+        """A line above the progress bar, or a log line when there is none."""
+        if self.console is not None and self.console.bar is not None:
+            self.console.bar.write(line)
+        else:
+            log.log(level, "%s", line)
 
     def close(self) -> None:
         if self.console is not None and self.console.bar is not None:

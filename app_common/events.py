@@ -142,6 +142,16 @@ class RunEnded:
 
 
 @dataclass(frozen=True)
+class WarningIssued:
+    """Emitted by the service (not the engine): something beside the run went wrong and the job
+    goes on without it (``source`` names what: ``"mlflow"`` when experiment tracking stopped)."""
+
+    source: str
+    message: str
+    type: str = field(default="warning", init=False)
+
+
+@dataclass(frozen=True)
 class StatusChanged:
     """Emitted by the service (not the engine) when a job's status changes."""
 
@@ -152,12 +162,14 @@ class StatusChanged:
 
 Event = (
     RunStarted | Pruned | EpochEnded | MegabatchEnded | CheckpointWritten | ModelWritten | RunEnded | StatusChanged
+    | WarningIssued
 )
 
 EVENT_TYPES: dict[str, type] = {
     cls.type: cls
     for cls in (
-        RunStarted, Pruned, EpochEnded, MegabatchEnded, CheckpointWritten, ModelWritten, RunEnded, StatusChanged
+        RunStarted, Pruned, EpochEnded, MegabatchEnded, CheckpointWritten, ModelWritten, RunEnded, StatusChanged,
+        WarningIssued,
     )
 }
 # dataclass defaults of init=False fields are class attributes, so ``cls.type`` is the name above.

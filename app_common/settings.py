@@ -136,6 +136,17 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(
         8, ge=1, le=256, description="Deliveries one control worker makes at the same time."
     )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "APP_MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
+        repr=False,  # may carry credentials
+        description="Workers: the MLflow tracking server each job is logged to as a run (needs the mlflow "
+        "extra); unset: no tracking.",
+    )
+    mlflow_public_url: str | None = Field(
+        None, description="The MLflow UI's address as users reach it, for the run links in job records; unset: "
+        "the tracking URI when it is http(s)."
+    )
 
     @field_validator("queues", mode="before")
     @classmethod

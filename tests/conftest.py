@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from mlflow_server import MlflowServer, run_mlflow_server
 from s3_server import S3Server, run_seaweedfs
 
 from app_common.redis_server import EmbeddedRedis
@@ -79,3 +80,10 @@ def s3_bucket(s3_server: S3Server) -> str:
     )
     client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server (SQLite, local artifact root) on 127.0.0.1, started once per session."""
+    with run_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server

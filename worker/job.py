@@ -42,6 +42,7 @@ from app_common.storage import Storage
 from app_common.store import JobStore
 from worker.files import RunFolderMirror, discard_work
 from worker.lease import LeaseHeartbeat, acquire_lease
+from worker.tracking import JobTracking
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,15 @@ def _execute_leased(
         on_cancel_timeout=on_cancel_timeout,
     )
     heartbeat.start()
+    # MLflow, when the settings name a tracking server (mlflow is imported only then).
+    tracking = JobTracking(record, settings=settings, store=store, out_dir=job_out_dir(settings, job_id))
     try:
-        return _run_engine(
-            job_id, record.spec, attempt=attempt, store=store, settings=settings, storage=storage, heartbeat=heartbeat
+        outcome = _run_engine(
+            job_id, record.spec, attempt=attempt, store=store, settings=settings, storage=storage, heartbeat=heartbeat,
+            tracking=tracking,
         )
+        tracking.end(outcome)  # failed or cancelled (succeeded: already ended); a retry continues the run
+        return outcome
     finally:
         heartbeat.stop()
 
@@ -179,6 +185,7 @@ def _run_engine(
     settings: Settings,
     storage: Storage,
     heartbeat: LeaseHeartbeat,
+    tracking: JobTracking,
 ) -> str:
     # The engine imports torch: only here, in the process that runs the job (the pool child).
     from app_engine.errors import RunInputError
@@ -196,7 +203,9 @@ def _run_engine(
         # An uploaded dataset (dataset.id) comes from this host's cache; the spec stays as submitted.
         data = load_job_data(spec, store=store, storage=storage, settings=settings)
         mirror.fetch()
-        outcome = run(spec, mirror.out_dir, callbacks=[mirror, sink], data=data, data_root=Path(settings.data_dir))
+        tracking.warn = sink  # its one warning in order with the run's events
+        outcome = run(spec, mirror.out_dir, callbacks=[mirror, sink, tracking], data=data,
+                      data_root=Path(settings.data_dir))
         if not outcome.stopped and not heartbeat.lease_lost:
             mirror.upload_artifacts(outcome.artifacts)
     except RedisError:
@@ -245,6 +254,7 @@ def _run_engine(
         for name, a in outcome.artifacts.items()
     ]
     store.set_result(job_id, outcome.result, artifacts)
+    tracking.end(SUCCEEDED)  # before the status: a succeeded job's MLflow run is already FINISHED
     # A cancel that arrived after the last epoch finds the work done: it still succeeds.
     late_cancel = "finished before the cancel took effect" if cancel_flag else None
     return _finish(store, job_id, SUCCEEDED, late_cancel)

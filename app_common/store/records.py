@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from app_common.events import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, STATUSES, StatusChanged, event_to_dict
-from app_common.jobs import JOB_FIELDS, ArtifactInfo, JobRecord, Notify, Progress, Tracking
+from app_common.jobs import JOB_FIELDS, ArtifactInfo, JobRecord, MlflowRun, Notify, Progress, Tracking
 from app_common.store._common import (
     OWNER,
     JobNotFound,
@@ -312,6 +312,16 @@ class RecordOps(StoreBase):
             args=["result", dumps(result), "artifacts", dumps(listed), "updated_at", dumps(utc_now())],
         ):
             raise JobNotFound(job_id)
+
+    def set_mlflow_run(self, job_id: str, run: MlflowRun) -> bool:
+        """Record the MLflow run that tracks the job; False when there is no such job (never
+        creates a record for a deleted one)."""
+        if not is_job_id(job_id):
+            return False
+        return bool(self._script(_IF_EXISTS_HSET)(
+            keys=[self.names.job(job_id)],
+            args=["mlflow", dumps(run.model_dump(mode="json")), "updated_at", dumps(utc_now())],
+        ))
 
     def next_attempt(self, job_id: str) -> int:
         """Increment and return the job's attempt counter (1 on the first delivery)."""

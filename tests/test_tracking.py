@@ -1,0 +1,228 @@
+"""worker/tracking.py: jobs as MLflow runs, against a real ``mlflow server`` (SQLite, local artifact
+root) and real digits runs through ``execute_job`` (no Celery; tests/test_tracking_e2e.py goes
+through the whole service)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from mlflow_server import MlflowServer
+from service_stack import free_port
+
+from app_common.events import WarningIssued, event_from_dict
+from app_common.jobs import MlflowRun, Tracking
+from app_common.settings import Settings
+from app_common.store import JobStore
+from worker.job import execute_job
+from worker.tracking import flatten_params, redact, run_url
+
+# Three megabatches of one epoch on digits: seconds on one CPU thread.
+SPEC: dict[str, Any] = {
+    "dataset": {"name": "digits"},
+    "architecture": "mlp",
+    "method": "app",
+    "sparsity": {"target": 0.5},
+    "stream": {"megabatches": 3},
+    "training": {"epochs": 1, "batch_size": 64, "seed": 3, "precision": "fp32"},
+}
+
+
+def make_settings(tmp_path: Path, redis_url: str, key_prefix: str, tracking_uri: str | None) -> Settings:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return Settings(
+        redis_url=redis_url, redis_prefix=key_prefix, artifacts_dir=tmp_path / "artifacts",
+        storage_dir=tmp_path / "storage", data_dir=tmp_path / "data", job_lease_ttl_s=2,
+        celery_key_prefix=f"{key_prefix}:celery:", mlflow_tracking_uri=tracking_uri,
+    )
+
+
+def events(store: JobStore, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    return store.read_events(job_id, count=10_000)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def mlflow_client(server: MlflowServer) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=server.url)
+
+
+def history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def check_run_matches_job(client: Any, server: MlflowServer, store: JobStore, job_id: str, owner: str,
+                          experiment: str) -> Any:
+    """The job's MLflow run holds what the job produced; returns the run."""
+    record = store.get_job(job_id)
+    assert record is not None and record.status == "succeeded" and record.mlflow is not None
+    result = record.result
+    assert result is not None
+    run = client.get_run(record.mlflow.run_id)
+    assert run.info.status == "FINISHED"
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None and run.info.experiment_id == exp.experiment_id == record.mlflow.experiment_id
+    assert record.mlflow.url == f"{server.url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+    assert run.data.tags["job_id"] == job_id and run.data.tags["api_key_id"] == owner
+    assert run.info.run_name == job_id
+    params = run.data.params
+    assert params["dataset.name"] == "digits" and params["architecture"] == "mlp"
+    assert params["stream.megabatches"] == "3" and params["training.epochs"] == "1"
+    assert json.loads(params["export.formats"]) == result["config"]["export"]["formats"]
+
+    # Per megabatch, step by step, exactly what result.json says.
+    megabatches = result["megabatches"]
+    for key in ("density", "test_accuracy", "val_accuracy", "train_accuracy", "target_density",
+                "nonzero_params", "generalization_gap", "test_errors"):
+        assert history(client, run.info.run_id, key) == [(m["index"], pytest.approx(m[key])) for m in megabatches], key
+    cer = [sum(m["test_errors"] for m in megabatches[:i]) for i in range(1, len(megabatches) + 1)]
+    assert history(client, run.info.run_id, "cer") == [(i, c) for i, c in enumerate(cer, start=1)]
+    assert cer[-1] == result["cer"]
+    # Per epoch, one global step per epoch across megabatches.
+    epochs = [e for m in megabatches for e in m["epochs"]]
+    losses = history(client, run.info.run_id, "epoch/train_loss")
+    assert losses == [(i, pytest.approx(e["train_loss"])) for i, e in enumerate(epochs, start=1)]
+    # The final per-layer density.
+    last = megabatches[-1]
+    for name, density in last["layer_density"].items():
+        assert history(client, run.info.run_id, f"layer_density/{name}") == [(last["index"], pytest.approx(density))]
+
+    # The files: each one's sha256 equals the manifest's (and the job's artifact list).
+    listed = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"model.sparse.safetensors", "manifest.json", "report.png", "result.json"} <= listed
+    # Downloaded through the server's artifact proxy (httpx: MLflow's own download leaves sockets open).
+    assert run.info.artifact_uri == f"mlflow-artifacts:/{exp.experiment_id}/{run.info.run_id}/artifacts"
+    base = f"{server.url}/api/2.0/mlflow-artifacts/artifacts/{exp.experiment_id}/{run.info.run_id}/artifacts"
+    with httpx.Client(timeout=30.0) as http:
+        files = {name: http.get(f"{base}/{name}").raise_for_status().content
+                 for name in ("model.sparse.safetensors", "report.png", "manifest.json")}
+    in_manifest = {f["name"]: f["sha256"] for f in json.loads(files["manifest.json"])["files"]}
+    in_record = {a.name: a.sha256 for a in record.artifacts}
+    for name, data in files.items():
+        assert sha256(data) == in_record[name], name
+        if name != "manifest.json":
+            assert sha256(data) == in_manifest[name], name
+    return run
+
+
+def test_flatten_params() -> None:
+    spec = {"a": {"b": 1, "c": {"d": None}}, "e": "text", "f": [1, 2], "g": {}, "h": True}
+    assert dict(flatten_params(spec)) == {"a.b": "1", "a.c.d": "null", "e": "text", "f": "[1, 2]", "g": "{}",
+                                          "h": "true"}
+
+
+def test_run_url_and_redaction() -> None:
+    assert run_url("http://u:secret@mlflow:5000/", "3", "abc") == "http://mlflow:5000/#/experiments/3/runs/abc"
+    assert run_url("databricks", "3", "abc") is None and run_url(None, "3", "abc") is None
+    assert redact("https://mlflow.example/x") == "https://mlflow.example/x"
+    assert "secret" not in redact("https://user:secret@[::1]:8443/x")
+
+
+def test_warning_event_round_trips() -> None:
+    event = WarningIssued(source="mlflow", message="gone")
+    assert event_from_dict({"type": "warning", "source": "mlflow", "message": "gone"}) == event
+
+
+def test_job_is_an_mlflow_run(
+    mlflow_server: MlflowServer, store: JobStore, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path, redis_url, key_prefix, mlflow_server.url)
+    experiment = f"test-{uuid.uuid4().hex[:8]}"
+    job = store.create_job("key_track", SPEC, queue="cpu", tracking=Tracking(mlflow_experiment=experiment))
+    assert execute_job(job.id, store=store, settings=settings) == "succeeded"
+    assert "warning" not in [e["type"] for _, e in events(store, job.id)]
+    client = mlflow_client(mlflow_server)
+    check_run_matches_job(client, mlflow_server, store, job.id, "key_track", experiment)
+    assert len(client.search_runs([client.get_experiment_by_name(experiment).experiment_id])) == 1
+
+
+def crash_at(kind: str, megabatch: int) -> Callable[..., Any]:
+    """The engine's run, with a last callback that raises (a lost worker, as Celery sees it) at
+    the ``kind`` event of ``megabatch``."""
+    from app_engine import runner
+
+    real = runner.run
+
+    def run(*args: Any, callbacks: Any = (), **kwargs: Any) -> Any:
+        def crash(event: Any) -> None:
+            if event.type == kind and event.megabatch == megabatch:
+                raise OSError("worker lost")
+
+        return real(*args, callbacks=[*callbacks, crash], **kwargs)
+
+    return run
+
+
+def test_retried_job_continues_its_run(
+    mlflow_server: MlflowServer, store: JobStore, redis_url: str, key_prefix: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delivery lost after megabatch 2 was checkpointed but before it was logged: the retry
+    continues the same run, logs megabatch 3, then fills in megabatch 2 and the CER."""
+    from app_engine import runner
+
+    settings = make_settings(tmp_path, redis_url, key_prefix, mlflow_server.url)
+    experiment = f"test-{uuid.uuid4().hex[:8]}"
+    job = store.create_job("key_retry", SPEC, queue="cpu", tracking=Tracking(mlflow_experiment=experiment))
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "run", crash_at("checkpoint_written", 2))
+        with pytest.raises(OSError, match="worker lost"):
+            execute_job(job.id, store=store, settings=settings)
+    first = store.get_job(job.id)
+    assert first is not None and first.status == "running" and first.mlflow is not None
+    client = mlflow_client(mlflow_server)
+    assert client.get_run(first.mlflow.run_id).info.status == "RUNNING"
+    assert history(client, first.mlflow.run_id, "test_accuracy")[0][0] == 1
+
+    assert execute_job(job.id, store=store, settings=settings) == "succeeded"
+    record = store.get_job(job.id)
+    assert record is not None and record.mlflow == first.mlflow and record.attempt == 2
+    run = check_run_matches_job(client, mlflow_server, store, job.id, "key_retry", experiment)
+    assert run.info.run_id == first.mlflow.run_id
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_unreachable_server_costs_one_warning(
+    store: JobStore, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A tracking URI where nothing listens: the job succeeds untracked, with one warning event
+    right after run_started (entry ids are Redis's millisecond clock: the failure cost seconds)."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    settings = make_settings(tmp_path, redis_url, key_prefix, uri)
+    job = store.create_job("key_down", SPEC, queue="cpu")
+    started = time.monotonic()
+    assert execute_job(job.id, store=store, settings=settings) == "succeeded"
+    elapsed = time.monotonic() - started
+    stream = events(store, job.id)
+    kinds = [e["type"] for _, e in stream]
+    assert kinds.count("warning") == 1 and kinds.index("warning") == kinds.index("run_started") + 1
+    entry_id, warning = stream[kinds.index("warning")]
+    assert warning["source"] == "mlflow" and uri in warning["message"]
+    cost_s = (int(entry_id.split("-")[0]) - int(stream[kinds.index("run_started")][0].split("-")[0])) / 1000
+    print(f"unreachable tracking server: the warning came {cost_s:.1f} s after run_started; job {elapsed:.1f} s")
+    # A hang guard, 10x the few seconds expected: MLflow's own defaults take minutes.
+    assert cost_s < 60
+    record = store.get_job(job.id)
+    assert record is not None and record.mlflow is None and record.result is not None
+
+
+def test_store_records_the_run(store: JobStore) -> None:
+    job = store.create_job("key_rec", SPEC, queue="cpu")
+    run = MlflowRun(run_id="r" * 32, experiment_id="7", url="http://mlflow/#/experiments/7/runs/" + "r" * 32)
+    assert store.set_mlflow_run(job.id, run)
+    record = store.get_job(job.id)
+    assert record is not None and record.mlflow == run
+    assert store.delete_job(job.id)
+    assert not store.set_mlflow_run(job.id, run)  # never recreates a deleted job
+    assert store.get_job(job.id) is None
