@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(gpu, args.install), "steps": {},
     }
     t_all = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+    # A file still open in a step's folder (a server's log, say) must not cost the report.
+    with tempfile.TemporaryDirectory(prefix="gpu-check-", ignore_cleanup_errors=True) as tmp:
         for name in wanted:
             print(f"\n=== gpu-check: {name} ===", flush=True)
             work = Path(tmp) / name
