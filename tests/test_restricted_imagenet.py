@@ -104,7 +104,7 @@ def test_bad_sources_and_destinations_are_named(imagenet: Path, tmp_path: Path) 
 
 
 def test_an_imagenet_resnet_trains_on_the_built_folder(imagenet: Path, tmp_path: Path) -> None:
-    dest = build_restricted_imagenet(imagenet, tmp_path / "rin", per_class=4, size=64).dest
+    dest = build_restricted_imagenet(imagenet, tmp_path / "rin", per_class=2, size=64).dest
     spec = JobSpec.from_dict({
         "dataset": {"name": "imagefolder", "path": str(dest), "image_size": 64},
         "architecture": "resnet18_imagenet",
