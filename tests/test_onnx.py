@@ -52,12 +52,13 @@ SLOW_EXPORTS = {
     "resnet18": "resnet18_imagenet has the same blocks and widths (export ~4-8 s on a CPU)",
     "resnet34": "resnet18_imagenet's blocks, deeper (export ~5-10 s on a CPU)",
     "resnet50": "bottleneck blocks: convolutions, batch norms and ReLUs as tested (export ~6-12 s on a CPU)",
+    "vgg16_bn": "cnn_small has its operators: convolution, batch norm, ReLU, ceil-mode max-pool (export ~3-6 s)",
     "resnet50_imagenet": "bottleneck blocks with the ImageNet stem of resnet18_imagenet (export ~6-12 s on a CPU)",
 }
 RUN_ALL = os.environ.get("APP_TEST_ONNX_ALL") == "1"
-# Which real inputs each architecture is checked on: digits' own 8x8 by default (vgg16_bn costs
-# 16 times less there than at 32x32), CIFAR's size for the paper's CIFAR network, 64x64 for the
-# ImageNet-stem ResNets (``*_imagenet``), which need at least that.
+# Which real inputs each architecture is checked on: digits' own 8x8 by default (a wide network
+# costs 16 times less there than at 32x32), CIFAR's size for the paper's CIFAR network, 64x64 for
+# the ImageNet-stem ResNets (``*_imagenet``), which need at least that.
 INPUTS = {"mlp": "features", "resnet20_a": "cifar"}
 SIZES = {"cifar": 32, "imagenet": 64}
 # The first images of the test set (the run's test below takes all 359): 64, or 32 at 64x64 where
