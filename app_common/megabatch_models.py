@@ -94,16 +94,29 @@ class ModelIndex(BaseModel):
         return None
 
 
+# A pruner keeps a whole number of weights (per layer, with a layer-wise scope), so the measured
+# density of a model pruned to 0.5 may be 0.50004: within this of its target, a model counts as
+# having its target density when compared with a bound.
+ROUNDING_TOLERANCE = 1e-3
+
+
+def _density_for_bounds(model: MegabatchModel) -> float:
+    if model.target_density < model.density <= model.target_density + ROUNDING_TOLERANCE:
+        return model.target_density
+    return model.density
+
+
 def best_model(
     models: list[MegabatchModel], *, max_density: float | None = None, min_accuracy: float | None = None
 ) -> MegabatchModel | None:
     """The model to take from a run: with ``max_density``, the most accurate model whose density is
     at most that; with ``min_accuracy``, the sparsest whose test accuracy is at least that; with
     both, the most accurate of those within both bounds. Ties go to the sparser, then to the later
-    megabatch. None when no model qualifies; at least one bound is required."""
+    megabatch. None when no model qualifies; at least one bound is required. A density above the
+    schedule's target by rounding only (:data:`ROUNDING_TOLERANCE`) counts as the target."""
     if max_density is None and min_accuracy is None:
         raise ValueError("give max_density, min_accuracy or both")
-    fits = [m for m in models if (max_density is None or m.density <= max_density)
+    fits = [m for m in models if (max_density is None or _density_for_bounds(m) <= max_density)
             and (min_accuracy is None or m.test_accuracy >= min_accuracy)]
     if not fits:
         return None

@@ -172,3 +172,18 @@ def test_switched_off_it_writes_none(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("megabatch-*"))
     assert not [e for e in events if isinstance(e, ModelWritten)]
     assert not [n for n in outcome.artifacts if "/" in n]
+
+
+def test_a_density_above_its_target_by_rounding_only_counts_as_the_target() -> None:
+    def kept(index: int, density: float, target: float, accuracy: float) -> MegabatchModel:
+        return MegabatchModel(index=index, density=density, target_density=target, test_accuracy=accuracy,
+                              name=f"megabatch-{index:04d}/model.sparse.safetensors", bytes=1, sha256="0" * 64,
+                              files=[])
+
+    # Pruned to half of 10,001 weights: 5,001 kept, density 0.50005.
+    half = kept(2, 5001 / 10001, 0.5, 0.9)
+    assert best_model([kept(1, 1.0, 1.0, 0.95), half], max_density=0.5) == half
+    # A model whose measured density is really above its target (not by rounding) does not qualify.
+    assert best_model([kept(3, 0.52, 0.5, 0.9)], max_density=0.5) is None
+    # Nor does one within rounding of a target that is itself above the bound.
+    assert best_model([kept(4, 0.5004, 0.5003, 0.9)], max_density=0.5) is None
