@@ -30,7 +30,7 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_verb_is_wired_in_help_order() -> None:
     names = list(subcommands(build_parser()))
-    assert names == ["run", "compare", "serve", "api", "worker", "keys",
+    assert names == ["run", "compare", "build-restricted-imagenet", "serve", "api", "worker", "keys",
                      "submit", "status", "watch", "list", "cancel", "download", "datasets", "webhooks"]
 
 
