@@ -77,4 +77,6 @@ def run_mlflow_server(folder: Path, *, startup_timeout_s: float = 240.0) -> Iter
             time.sleep(0.3)
         yield MlflowServer(url=url, folder=folder)
     finally:
-        stop_process(proc)
+        # Nothing to keep: SIGKILL spares the graceful shutdown's seconds (uvicorn waits for idle
+        # keep-alive connections, the CLI for its worker).
+        stop_process(proc, timeout=0.0)

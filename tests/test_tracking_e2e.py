@@ -1,5 +1,6 @@
 """MLflow tracking through the whole service: the API, a real Celery worker whose environment has
-``MLFLOW_TRACKING_URI``, and a real ``mlflow server``; then a worker whose tracking server is down."""
+``MLFLOW_TRACKING_URI``, and a real ``mlflow server``. (An unreachable server, a retried job and
+the mapping's details: tests/test_tracking.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 from mlflow_server import MlflowServer
-from service_stack import ServiceStack, free_port, service_stack, stop_process
+from service_stack import ServiceStack, service_stack
 from test_tracking import SPEC, check_run_matches_job, mlflow_client
 
 pytestmark = pytest.mark.slow
@@ -46,19 +47,3 @@ def test_job_is_tracked_and_linked(stack: ServiceStack, mlflow_server: MlflowSer
                                "url": f"{mlflow_server.url}/#/experiments/{run.info.experiment_id}/runs/"
                                       f"{run.info.run_id}"}
     assert "warning" not in [e["type"] for _, e in stack.store.read_events(final["id"], count=10_000)]
-
-
-def test_stopped_tracking_server_leaves_one_warning(stack: ServiceStack) -> None:
-    """A worker whose tracking server is down (nothing listens on its port) still runs the job to
-    success; the job's events carry one warning, which ``anytime-prune watch`` prints."""
-    stop_process(stack.processes["worker"])
-    stack.start("worker", "worker", "--queue", "cpu", "--hostname", f"{stack.prefix}@%h",
-                extra_env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
-    _, secret = stack.new_key("untracked")
-    final = submit_and_wait(stack, secret, SPEC)
-    assert final["mlflow"] is None and final["result"] is not None
-    warnings = [e for _, e in stack.store.read_events(final["id"], count=10_000) if e["type"] == "warning"]
-    assert len(warnings) == 1 and warnings[0]["source"] == "mlflow"
-    watched = stack.cli("watch", final["id"], secret=secret)
-    assert watched.returncode == 0, watched.stderr
-    assert "warning (mlflow): MLflow tracking at http://127.0.0.1:" in watched.stderr
