@@ -21,12 +21,12 @@ from service_stack import free_port
 
 from anytime_prune.client import JobEvent
 from anytime_prune.client_cli import EventProgress
-from app_common.events import WarningIssued, event_from_dict, event_to_dict
+from app_common.events import RunEnded, RunStarted, WarningIssued, event_from_dict, event_to_dict
 from app_common.jobs import MlflowRun, Tracking
 from app_common.settings import Settings
 from app_common.store import JobStore
 from worker.job import execute_job
-from worker.tracking import flatten_params, redact, run_url
+from worker.tracking import JobTracking, flatten_params, redact, run_url
 
 # Three megabatches of one epoch on digits: seconds on one CPU thread.
 SPEC: dict[str, Any] = {
@@ -221,3 +221,43 @@ def test_store_records_the_run(store: JobStore) -> None:
     assert store.delete_job(job.id)
     assert not store.set_mlflow_run(job.id, run)  # never recreates a deleted job
     assert store.get_job(job.id) is None
+
+
+def tracking_for(store: JobStore, settings: Settings, tmp_path: Path, experiment: str) -> tuple[JobTracking, list[Any]]:
+    """A job's tracking fed by hand (no training); its warnings collected in a list."""
+    record = store.create_job("key_hand", SPEC, queue="cpu", tracking=Tracking(mlflow_experiment=experiment))
+    tracking = JobTracking(record, settings=settings, store=store, out_dir=tmp_path / record.id)
+    warnings: list[Any] = []
+    tracking.warn = warnings.append
+    return tracking, warnings
+
+
+@pytest.mark.parametrize(("outcome", "status"), [("cancelled", "KILLED"), ("failed", "FAILED"),
+                                                 ("lease_lost", "RUNNING")])
+def test_run_ends_as_the_job(
+    mlflow_server: MlflowServer, store: JobStore, redis_url: str, key_prefix: str, tmp_path: Path, outcome: str,
+    status: str,
+) -> None:
+    settings = make_settings(tmp_path, redis_url, key_prefix, mlflow_server.url)
+    tracking, warnings = tracking_for(store, settings, tmp_path, f"test-{uuid.uuid4().hex[:8]}")
+    tracking(RunStarted(megabatches=3, epochs=1))
+    tracking.end(outcome)
+    assert tracking.run is not None and not warnings
+    assert mlflow_client(mlflow_server).get_run(tracking.run.run_id).info.status == status
+    record = store.get_job(tracking.job_id)
+    assert record is not None and record.mlflow == tracking.run
+
+
+def test_deleted_experiment_is_one_warning(
+    mlflow_server: MlflowServer, store: JobStore, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    client = mlflow_client(mlflow_server)
+    experiment = f"test-{uuid.uuid4().hex[:8]}"
+    client.delete_experiment(client.create_experiment(experiment))
+    settings = make_settings(tmp_path, redis_url, key_prefix, mlflow_server.url)
+    tracking, warnings = tracking_for(store, settings, tmp_path, experiment)
+    tracking(RunStarted(megabatches=3, epochs=1))
+    tracking(RunEnded(cer=1, final_test_accuracy=0.9, final_density=0.5))  # off now: nothing more is tried
+    tracking.end("succeeded")
+    assert [(w.source, "is deleted" in w.message) for w in warnings] == [("mlflow", True)]
+    assert tracking.failed and tracking.run is None
