@@ -261,3 +261,18 @@ def test_deleted_experiment_is_one_warning(
     tracking.end("succeeded")
     assert [(w.source, "is deleted" in w.message) for w in warnings] == [("mlflow", True)]
     assert tracking.failed and tracking.run is None
+
+
+def test_job_given_up_fails_its_run(
+    mlflow_server: MlflowServer, store: JobStore, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """Its workers died max_attempts times: the job fails without running, and so does the run
+    the first delivery opened."""
+    settings = make_settings(tmp_path, redis_url, key_prefix, mlflow_server.url)
+    tracking, _ = tracking_for(store, settings, tmp_path, f"test-{uuid.uuid4().hex[:8]}")
+    tracking(RunStarted(megabatches=3, epochs=1))
+    assert tracking.run is not None
+    for _ in range(settings.max_attempts):
+        store.next_attempt(tracking.job_id)
+    assert execute_job(tracking.job_id, store=store, settings=settings) == "failed"
+    assert mlflow_client(mlflow_server).get_run(tracking.run.run_id).info.status == "FAILED"

@@ -144,6 +144,7 @@ def _execute_leased(
     if attempt > settings.max_attempts:
         why = f"worker died {attempt - 1} times; giving up"
         log.error("job %s: %s", job_id, why)
+        JobTracking(record, settings=settings, store=store, out_dir=job_out_dir(settings, job_id)).end_abandoned()
         return _move(store, job_id, FAILED, why, ACTIVE_STATUSES)
 
     resumed = None if attempt == 1 else f"attempt {attempt}: resuming after a lost worker"

@@ -201,9 +201,22 @@ class JobTracking:
             self.warn = None  # the run is over: the store takes the event
             self._give_up(exc)
 
+    def end_abandoned(self) -> None:
+        """The job fails without a run in this delivery (its workers died too often): end the
+        MLflow run an earlier delivery opened, FAILED."""
+        if not self.enabled or self.previous is None:
+            return
+        try:
+            self._client = self._new_client()
+        except Exception as exc:  # noqa: BLE001
+            self._give_up(exc)
+            return
+        self.run = self.previous
+        self.end(FAILED)
+
     # --- the run ------------------------------------------------------------------------------
 
-    def _open(self, resumed_after: int) -> None:
+    def _new_client(self) -> MlflowClient:
         for name, value in CLIENT_ENV.items():
             os.environ.setdefault(name, value)
         try:
@@ -211,7 +224,10 @@ class JobTracking:
         except ImportError:
             raise TrackingError("the mlflow package is not installed on this worker "
                                 "(install the 'mlflow' extra)") from None
-        client = MlflowClient(tracking_uri=self.uri)
+        return MlflowClient(tracking_uri=self.uri)
+
+    def _open(self, resumed_after: int) -> None:
+        client = self._new_client()
         run = self._existing_run(client)
         if run is None:
             run = client.create_run(self._experiment_id(client), run_name=self.job_id,
