@@ -70,12 +70,13 @@ def test_archives_are_unpacked_with_the_limits(store: JobStore, storage: LocalSt
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("train/cat/zeros.png", bytes(2 * 2**20))
+        zf.writestr("train/cat/zeros2.png", bytes(2**10))  # two per class: the loader can split, then decodes
     record = uploaded(store, storage, bomb, fmt="imagefolder")
     limited = local.model_copy(update={"max_dataset_extracted_bytes": 2**20})
     assert validate_dataset(record.id, store=store, storage=storage, settings=limited) == "invalid"
     invalid = store.get_dataset(record.id)
     assert invalid is not None and invalid.error == "the archive unpacks to more than 1048576 bytes"
-    # Within the limits the same archive reaches the loader, whose reason names the member.
+    # Within the limits the same archive reaches the loader, whose reason names the first bad member.
     again = uploaded(store, storage, bomb, fmt="imagefolder")
     assert validate_dataset(again.id, store=store, storage=storage, settings=local) == "invalid"
     reason = store.get_dataset(again.id).error  # type: ignore[union-attr]

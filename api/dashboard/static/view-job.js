@@ -34,6 +34,8 @@ function eventText(e) {
         (e.stopped ? " (stopped early)" : "");
     case "status_changed":
       return `status ${e.status}${e.reason ? `: ${e.reason}` : ""}`;
+    case "warning":
+      return `warning (${e.source}): ${e.message}`;
     case "model_written":
       return `model of megabatch ${e.megabatch} kept: ${e.name} (${bytes(e.bytes)}, density ${pct(e.density)}, ` +
         `test accuracy ${pct(e.test_accuracy)})`;
@@ -182,6 +184,9 @@ export function jobView(root, jobId) {
       h("div", {}, h("dt", {}, "Density"), h("dd", {"data-value": "density"}, pct(sum.density))),
       h("div", {}, h("dt", {}, "Generalization gap"), h("dd", {"data-value": "gap"},
         sum.gap === undefined ? "–" : `${num(sum.gap, 1)} pp`)),
+      job.mlflow ? h("div", {class: "wide"}, h("dt", {}, "MLflow run"), h("dd", {"data-value": "mlflow"},
+        job.mlflow.url ? h("a", {href: job.mlflow.url, rel: "noopener noreferrer"}, job.mlflow.run_id)
+          : job.mlflow.run_id)) : null,
       job.error ? h("div", {class: "wide"}, h("dt", {}, "Error"), h("dd", {}, job.error)) : null);
 
     const xDomain = [1, Math.max(total, 1)];
