@@ -319,6 +319,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         redis_line = f"embedded, {redis_url}" if embedded else redis_url.split("@")[-1]
         print(f"anytime-prune is serving on {url}  (API docs: {url}/docs)")
+        # The demo is for a first look: it shows the local development key to sign in with.
+        sign_in = f"the API key {api_key}" if args.demo else f"the API key in {creds_file}"
+        print(f"  dashboard: {url}/  (sign in with {sign_in})")
         print(f"  redis:     {redis_line}")
         print(f"  worker:    1 process on queue {args.queue}, 1 validating uploaded datasets and delivering "
               f"webhooks ({CONTROL_QUEUE})")
@@ -361,7 +364,7 @@ def _run_demo(url: str, api_key: str, out: Path) -> int:
     try:
         with Client(url, api_key) as client:
             job = client.submit(DEMO_SPEC)
-            print(f"demo: job {job['id']} submitted", flush=True)
+            print(f"demo: job {job['id']} submitted; watch it live at {url}/#/jobs/{job['id']}", flush=True)
             final = follow(client, job["id"])
             summarise_final(final)
             if final["status"] != "succeeded":

@@ -451,6 +451,9 @@ def test_serve_demo_then_ctrl_c_stops_every_process(tmp_path: Path) -> None:
             jobs = client.list()
             assert [j["status"] for j in jobs] == ["succeeded"]
         assert creds["redis_url"].startswith("redis://127.0.0.1:")
+        # The demo points at the dashboard: its address, the key to sign in with, the job's page.
+        assert f"dashboard: http://127.0.0.1:{port}/  (sign in with the API key {creds['api_key']})" in output
+        assert f"watch it live at http://127.0.0.1:{port}/#/jobs/{jobs[0]['id']}" in output
 
         # Ctrl-C in the middle of a job: the job's pool process must go too.
         with Client.from_env(environ={"HOME": str(home)}) as client:
