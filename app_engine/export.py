@@ -205,6 +205,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+def manifest_header(spec: JobSpec, model_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields every manifest starts with: what wrote it, with which spec, for which model."""
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "engine": {"name": "anytime-prune", "version": engine_version()},
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "spec": spec.to_dict(),
+        "spec_fingerprint": spec.fingerprint(),
+        "model_info": dict(model_info),
+    }
+
+
 def export_artifacts(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
@@ -275,13 +288,7 @@ def export_artifacts(
 
     density, counts = _density_summary(model, masks, folded, spec)
     manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "engine": {"name": "anytime-prune", "version": engine_version()},
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "spec": spec.to_dict(),
-        "spec_fingerprint": spec.fingerprint(),
-        "model_info": info,
+        **manifest_header(spec, info),
         "metrics": without_timings(metrics),
         "density": density,
         "parameters": counts,

@@ -13,7 +13,6 @@ service spells the same names in :mod:`app_common.megabatch_models` (a test chec
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,12 @@ from app_engine.export import (
     _check_model_info,
     _density_summary,
     _json_default,
-    engine_version,
     fold_masks,
+    manifest_header,
     without_timings,
 )
 from app_engine.files import private_folder, sha256_hex, write_atomic
-from app_engine.loading import FILE_FORMATS, MANIFEST_FILE, MANIFEST_VERSION, SPARSE_FILE, megabatch_folder
+from app_engine.loading import FILE_FORMATS, MANIFEST_FILE, SPARSE_FILE, megabatch_folder
 from app_engine.sparse import encode_sparse
 
 
@@ -61,13 +60,7 @@ def export_megabatch_model(
     density, counts = _density_summary(model, masks, folded, spec)
     density["target"] = record.target_density  # the schedule's, at this megabatch
     manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "engine": {"name": "anytime-prune", "version": engine_version()},
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "spec": spec.to_dict(),
-        "spec_fingerprint": spec.fingerprint(),
-        "model_info": info,
+        **manifest_header(spec, info),
         "megabatch": record.index,
         "metrics": without_timings(record.to_dict()),
         "density": density,

