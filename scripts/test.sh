@@ -7,4 +7,8 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 echo "ruff check ." && ruff check .
 echo "mypy" && mypy
-exec python -m pytest "$@"
+# Two test processes (APP_TEST_PROCESSES; 0 runs in this one), whole files to each, so a module's
+# shared service stack stays in one process. One compute thread per process: torch's OpenMP threads
+# spin while they wait, and two processes of two threads each on two cores would mostly wait.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec python -m pytest -n "${APP_TEST_PROCESSES:-2}" --dist loadfile "$@"
