@@ -4,6 +4,7 @@ as the in-memory path."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -18,7 +19,7 @@ from PIL import Image
 from anytime_prune.cli import main
 from app_common.spec import DatasetSpec, JobSpec
 from app_engine.data import DataOptions, DatasetError, imagefolder, load_dataset
-from app_engine.data.disk_cache import DECODED, ENV_CACHE_DIR, ENV_MEMORY_CAP, DataOptionError
+from app_engine.data.disk_cache import DECODED, ENV_CACHE_DIR, ENV_MEMORY_CAP, DataOptionError, remove_if_unused
 from app_engine.runner import run
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -77,9 +78,14 @@ def test_a_set_over_the_cap_is_mapped_from_the_cache_and_reused(
     assert first.mean == in_memory.mean and first.std == in_memory.std and first.classes == in_memory.classes
 
     inode = cached.stat().st_ino
+    long_ago = time.time() - 3600
+    os.utime(cached, (long_ago, long_ago))
     second = load_dataset(spec, seed=0, options=small)
     assert len(decodes) == 3 * PER_CLASS, "the second load decoded images again"
     assert decoded_files(cache) == [cached] and cached.stat().st_ino == inode
+    assert cached.stat().st_mtime > long_ago + 1800  # a use is the LRU order of the worker's cache
+    # Mapped by a live dataset: no evictor may remove it; once every dataset over it is gone, one may.
+    assert not remove_if_unused(cached) and cached.exists()
     assert torch.equal(second.x_train, in_memory.x_train) and torch.equal(second.x_test, in_memory.x_test)
 
     # A changed folder is decoded again, and the file of its old content goes.
@@ -88,6 +94,10 @@ def test_a_set_over_the_cap_is_mapped_from_the_cache_and_reused(
     assert len(decodes) == 2 * 3 * PER_CLASS + 1
     (renewed,) = decoded_files(cache)
     assert renewed != cached and len(third.y_train) + len(third.y_test) == 3 * PER_CLASS + 1
+    assert torch.equal(second.x_train, in_memory.x_train)  # its pages outlive the file's name
+    del first, second, third
+    gc.collect()
+    assert remove_if_unused(renewed) and decoded_files(cache) == []
 
 
 def test_an_unreadable_image_leaves_no_cache_file(tmp_path: Path) -> None:

@@ -8,12 +8,18 @@ Layout under ``cache_dir`` (one folder per entry; several workers on one host sh
     {sha256}-{format}/.lock        shared-locked (flock) while a job reads the entry
     {sha256}-{format}/last-used    touched on every use: the LRU order
     .tmp/                          downloads and entries being built or evicted
+    decoded/{source}-{content}.npy image folders over the memory cap, decoded (app_engine.data.disk_cache)
 
 An entry is built in ``.tmp`` (download, sha256 check, unpack) and renamed into place, so a reader
 never sees half an entry; when two workers fetch the same dataset at once, the second rename fails
 and that worker uses the first one's entry. Eviction takes an entry's lock exclusively without
 waiting (an entry in use is never evicted), renames it into ``.tmp`` and deletes it there. The
 format is part of the key because one file read as two formats unpacks into two different things.
+
+The size limit (``APP_CACHE_MAX_BYTES``) covers the entries and the decoded files together, one
+least-recently-used order over both: a decoded file is in use while a job maps it (the engine holds
+a shared lock on it for as long as the array lives) and is never removed then. Eviction runs when an
+entry is opened and again once a job's data is loaded (a decode may just have added a file).
 """
 
 from __future__ import annotations
@@ -56,9 +62,11 @@ class DatasetUnavailable(RunInputError):
 
 
 class DatasetCache:
-    """Unpacked datasets under ``root``, at most ``max_bytes`` of them beyond the one in use."""
+    """Unpacked datasets and decoded image folders under ``root``, at most ``max_bytes`` of them
+    beyond those in use. ``storage`` (where uploads are fetched from) may be None for a cache that
+    only evicts."""
 
-    def __init__(self, root: Path, storage: Storage, *, max_bytes: int, max_extracted_bytes: int,
+    def __init__(self, root: Path, storage: Storage | None, *, max_bytes: int, max_extracted_bytes: int,
                  max_members: int) -> None:
         self.root = Path(root)
         self.storage = storage
@@ -79,7 +87,7 @@ class DatasetCache:
                     shutil.rmtree(leftover, ignore_errors=True)
 
     @classmethod
-    def from_settings(cls, settings: Settings, storage: Storage) -> DatasetCache:
+    def from_settings(cls, settings: Settings, storage: Storage | None) -> DatasetCache:
         return cls(Path(settings.cache_dir), storage, max_bytes=settings.cache_max_bytes,
                    max_extracted_bytes=settings.max_dataset_extracted_bytes, max_members=settings.max_dataset_members)
 
@@ -123,6 +131,8 @@ class DatasetCache:
         """Build ``entry`` from the store: download, check the sha256, unpack, rename into place."""
         from app_engine.data.archive import unpack_dataset
 
+        if self.storage is None:
+            raise RuntimeError("this dataset cache has no storage to fetch uploads from")
         build = Path(tempfile.mkdtemp(dir=self._tmp, prefix="fetch-"))
         try:
             content = build / "upload"
@@ -155,10 +165,13 @@ class DatasetCache:
             raise
 
     def entries(self) -> list[tuple[float, int, Path]]:
-        """(last use, bytes, folder) of every complete entry, least recently used first."""
-        found = []
+        """(last use, bytes, path) of every complete entry (a folder) and decoded file, least
+        recently used first: what counts against ``max_bytes``."""
+        from app_engine.data.disk_cache import decoded_files
+
+        found = decoded_files(self.root)
         for folder in self.root.iterdir():
-            if folder.name.startswith("."):
+            if folder.name.startswith(".") or not folder.is_dir():
                 continue
             with contextlib.suppress(OSError, ValueError, KeyError):
                 size = int(json.loads((folder / _ENTRY).read_text())["bytes"])
@@ -166,17 +179,25 @@ class DatasetCache:
         return sorted(found, key=lambda e: (e[0], e[2].name))
 
     def evict(self, keep: Path | None = None) -> list[Path]:
-        """Remove least recently used entries until the cache holds at most ``max_bytes``, never
-        ``keep`` nor an entry some worker is reading; returns the folders removed."""
+        """Remove least recently used entries and decoded files until the cache holds at most
+        ``max_bytes``, never ``keep`` nor one some worker is using; returns what was removed."""
+        from app_engine.data.disk_cache import remove_if_unused
+
         entries = self.entries()
         total = sum(size for _, size, _ in entries)
         removed = []
-        for _, size, folder in entries:
+        for _, size, path in entries:
             if total <= self.max_bytes:
                 break
-            if folder != keep and self._remove(folder):
+            if path == keep:
+                continue
+            # An entry is a folder, a decoded image folder one file: each kind has its own lock.
+            gone = self._remove(path) if path.is_dir() else remove_if_unused(path)
+            if gone:
                 total -= size
-                removed.append(folder)
+                removed.append(path)
+        if total > self.max_bytes:
+            log.info("dataset cache: %d bytes in use or kept, over the limit of %d", total, self.max_bytes)
         return removed
 
     def _remove(self, folder: Path) -> bool:
@@ -223,7 +244,9 @@ def load_job_data(spec: JobSpec, *, store: JobStore, storage: Storage, settings:
     with cache.open(record) as path:
         # The spec itself stays as submitted (its fingerprint is the same on every host).
         local = spec.dataset.model_copy(update={"path": str(path), "id": None})
-        return load_dataset(local, seed=spec.training.seed, options=data_options(settings))
+        data = load_dataset(local, seed=spec.training.seed, options=data_options(settings))
+        cache.evict(keep=cache.entry_dir(record))  # a decode may have added a file; this one is locked
+        return data
 
 
 def load_path_data(spec: JobSpec, settings: Settings) -> Dataset:
@@ -234,13 +257,16 @@ def load_path_data(spec: JobSpec, settings: Settings) -> Dataset:
     from app_engine.runner import resolve_dataset_path
 
     local = resolve_dataset_path(spec, Path(settings.data_dir)).dataset
-    return load_dataset(local, seed=spec.training.seed, options=data_options(settings))
+    data = load_dataset(local, seed=spec.training.seed, options=data_options(settings))
+    # A decode may have added a file to the cache (locked while ``data`` lives): keep to the limit.
+    DatasetCache.from_settings(settings, None).evict()
+    return data
 
 
 def data_options(settings: Settings) -> DataOptions:
     """The engine's options for sets too large for memory: decoded once into a memory-mapped file
-    under this host's cache folder (``decoded/``, beside the entries; the LRU eviction of entries
-    leaves it alone), past the cap in ``APP_DATA_MEMORY_CAP_BYTES`` (default 4 GiB)."""
+    under this host's cache folder (``decoded/``, beside the entries and evicted with them), past
+    the cap in ``APP_DATA_MEMORY_CAP_BYTES`` (default 4 GiB)."""
     from app_engine.data import DataOptions
 
     return DataOptions.from_env(os.environ, cache_dir=Path(settings.cache_dir))

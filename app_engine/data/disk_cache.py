@@ -18,20 +18,31 @@ The options (:class:`DataOptions`) are passed to :func:`app_engine.data.load_dat
 the worker build them with :meth:`DataOptions.from_env` from ``APP_DATA_MEMORY_CAP_BYTES`` (default
 4 GiB) and the cache folder (the worker's ``APP_CACHE_DIR``; by default ``~/.cache/anytime-prune``).
 Without a cache folder a set over the cap is loaded into memory as before, with a warning.
+
+The decoded files count against the cache's size limit like the unpacked uploads beside them (the
+worker's ``APP_CACHE_MAX_BYTES``, :mod:`worker.dataset_cache`), evicted least recently used first.
+Two rules make that safe, and :func:`decoded_files` and :func:`remove_if_unused` are the only
+places that read them: a loader holds a shared ``flock`` on the file it maps for as long as the
+array lives (taken on the temporary file before it is renamed into place, so a fresh file is never
+unguarded), and each use sets the file's modification time (the LRU order). An evictor takes the
+lock exclusively without waiting, so a file some job still maps is never removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -118,20 +129,24 @@ def decoded_array(
     shape: tuple[int, ...],
     fill: Callable[[np.ndarray], None],
 ) -> np.ndarray:
-    """The uint8 array of ``shape`` cached for ``source`` under ``key``, memory-mapped. On a miss,
-    ``fill`` writes the array into a fresh map, which is then renamed into place; whatever ``fill``
-    raises leaves no file behind."""
+    """The uint8 array of ``shape`` cached for ``source`` under ``key``, memory-mapped and locked
+    against eviction while it lives. On a miss, ``fill`` writes the array into a fresh map, which is
+    then renamed into place; whatever ``fill`` raises leaves no file behind."""
     assert options.cache_dir is not None, "decoded_array needs a cache folder"
     folder = options.cache_dir / DECODED
     prefix = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
     final = folder / f"{prefix}-{key}.npy"
-    if final.exists():
-        arr = _map(final)
-        if arr.shape == shape and arr.dtype == np.uint8:
+    held = _lock_shared(final)
+    if held is not None:
+        arr = _map_locked(held)
+        if arr is not None and arr.shape == shape:
+            with contextlib.suppress(OSError):
+                os.utime(final)  # the LRU order: used now
             log.info("%s: decoded images reused from %s", source, final)
             return arr
-        log.warning("%s: %s holds %s %s, not uint8 %s; decoding again", source, final, arr.dtype, arr.shape, shape)
+        log.warning("%s: %s does not hold uint8 %s; decoding again", source, final, shape)
         del arr
+        held.close()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -144,15 +159,99 @@ def decoded_array(
         fill(out)
         out.flush()
         del out
+        # Locked before the rename: an evictor never sees the new file unguarded.
+        held = tmp.open("rb")
+        fcntl.flock(held.fileno(), fcntl.LOCK_SH)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     for old in folder.glob(f"{prefix}-*.npy"):
         if old != final:
-            # An older content of the same folder; a reader that still maps it keeps its pages.
+            # An older content of the same folder, never to be read again; a reader that still
+            # maps it keeps its pages until it lets go.
             old.unlink(missing_ok=True)
-    return _map(final)
+    arr = _map_locked(held)
+    if arr is None:  # pragma: no cover  # the file was written just above
+        held.close()
+        raise DataOptionError(f"{final}: the decoded file just written cannot be read back")
+    return arr
+
+
+def decoded_files(cache_dir: Path) -> list[tuple[float, int, Path]]:
+    """(last use, bytes, file) of every complete decoded file under ``cache_dir``, in use or not
+    (what counts against the cache's size limit)."""
+    found = []
+    folder = cache_dir / DECODED
+    if not folder.is_dir():
+        return []
+    for path in folder.glob("*.npy"):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            st = path.stat()
+            found.append((st.st_mtime, st.st_size, path))
+    return found
+
+
+def remove_if_unused(path: Path) -> bool:
+    """Delete the decoded file ``path`` unless a loader maps it (holds its shared lock); True if
+    it was removed here."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # mapped by a job
+        if os.fstat(fd).st_ino != path.stat().st_ino:
+            return False  # replaced meanwhile by a fresh (locked) decode
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
+    log.info("decoded-data cache: removed %s", path.name)
+    return True
+
+
+def _lock_shared(path: Path) -> IO[bytes] | None:
+    """``path`` opened and shared-locked, if it exists and is still the file at ``path`` once
+    locked (an evictor may have removed it between the open and the lock)."""
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH)  # waits while an evictor holds it (an unlink, briefly)
+        if os.fstat(fh.fileno()).st_ino == path.stat().st_ino:
+            return fh
+    except FileNotFoundError:
+        pass
+    fh.close()
+    return None
+
+
+def _map_locked(fh: IO[bytes]) -> np.ndarray | None:
+    """The uint8 array of the locked .npy ``fh``, mapped through that very file (not its name, which
+    may point elsewhere by now); the lock is released when the array (and every view of it) is
+    gone. None if the file is not a C-ordered uint8 .npy."""
+    try:
+        fh.seek(0)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except (ValueError, OSError):
+        return None
+    if fortran or dtype != np.uint8 or not shape:
+        return None
+    # Copy on write: the array is writable (torch.from_numpy warns about read-only ones), the
+    # file is never written.
+    arr = np.memmap(fh, dtype=np.uint8, mode="c", offset=fh.tell(), shape=shape)
+    weakref.finalize(arr, fh.close)
+    return arr
 
 
 def _remove_stale(folder: Path) -> None:
@@ -163,10 +262,3 @@ def _remove_stale(folder: Path) -> None:
         with contextlib.suppress(OSError):
             if leftover.stat().st_mtime < cutoff:
                 leftover.unlink()
-
-
-def _map(path: Path) -> np.ndarray:
-    # Copy on write: the array is writable (torch.from_numpy warns about read-only ones), the
-    # file is never written.
-    arr: np.ndarray = np.load(path, mmap_mode="c")
-    return arr

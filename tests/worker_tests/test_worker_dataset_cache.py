@@ -3,12 +3,16 @@ evicted (never an entry in use), and a job's data loaded from it; local storage 
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from dataset_support import digits_npz, uploaded
+from PIL import Image
 from worker_support import SPEC
 
 from app_common.datasets import DatasetRecord
@@ -16,7 +20,8 @@ from app_common.settings import Settings
 from app_common.spec import JobSpec
 from app_common.storage import LocalStorage, dataset_key
 from app_common.store import JobStore
-from worker.dataset_cache import DatasetCache, DatasetUnavailable, load_job_data
+from app_engine.data.disk_cache import DECODED, ENV_MEMORY_CAP
+from worker.dataset_cache import DatasetCache, DatasetUnavailable, load_job_data, load_path_data
 from worker.job import execute_job
 
 
@@ -144,3 +149,73 @@ def test_a_job_on_an_uploaded_dataset(store: JobStore, storage: LocalStorage, se
     assert execute_job(late.id, store=store, settings=local, storage=storage) == "failed"
     failed = store.get_job(late.id)
     assert failed is not None and failed.error == f"dataset.id {record.id}: no such dataset (it was deleted)"
+
+
+def image_folder(root: Path, shade: int, per_class: int = 4) -> Path:
+    """Two classes of flat 8x8 PNGs (4 KiB or so decoded at 16x16)."""
+    for c, name in enumerate(("dark", "light")):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), shade + 60 * c + i, np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def age(path: Path, seconds: float) -> None:
+    """Make ``path`` (an entry's last-used file, or a decoded file) last used ``seconds`` ago."""
+    stamp = path.stat().st_mtime - seconds
+    os.utime(path, (stamp, stamp))
+
+
+def test_decoded_image_folders_count_against_the_limit_and_go_once_unmapped(
+    store: JobStore, storage: LocalStorage, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Image folders over the memory cap are decoded into the cache folder; those files share the
+    entries' limit and LRU order, and one a job still maps is never removed."""
+    local = settings.model_copy(update={"cache_dir": tmp_path / "cache", "cache_max_bytes": 0})
+    monkeypatch.setenv(ENV_MEMORY_CAP, "0")  # every image folder is decoded to disk
+    for name, shade in (("first", 10), ("second", 20)):
+        image_folder(tmp_path / "data" / name, shade)
+
+    def job(name: str) -> JobSpec:
+        return JobSpec.from_dict({"dataset": {"name": "imagefolder", "path": name, "image_size": 16}})
+
+    # A limit of 0: whatever is not in use goes, but the set just decoded is mapped by its job.
+    first = load_path_data(job("first"), local)
+    (first_file,) = (local.cache_dir / DECODED).glob("*.npy")
+    assert first.streamed and first_file.stat().st_size > 8 * 3 * 16 * 16
+    cache = DatasetCache.from_settings(local, storage)
+    assert cache.entries() == [(first_file.stat().st_mtime, first_file.stat().st_size, first_file)]
+    assert cache.evict() == [] and first_file.exists()
+    del first
+    gc.collect()
+    second = load_path_data(job("second"), local)  # its eviction removes the first, unmapped now
+    (second_file,) = (local.cache_dir / DECODED).glob("*.npy")
+    assert second_file != first_file and not first_file.exists()
+
+    # One LRU order over entries and decoded files: the least recently used of either kind goes.
+    record = ready(store, storage, tmp_path)
+    cache.max_bytes = 2**30
+    with cache.open(record):
+        pass
+    entry = cache.entry_dir(record)
+    del second
+    gc.collect()
+    sizes = {path: size for _, size, path in cache.entries()}
+    assert set(sizes) == {entry, second_file}
+    age(second_file, 300)
+    cache.max_bytes = sizes[entry]
+    assert cache.evict() == [second_file] and entry.is_dir()
+    again = load_path_data(job("second"), local.model_copy(update={"cache_max_bytes": 2**30}))  # decoded again
+    (second_file,) = (local.cache_dir / DECODED).glob("*.npy")
+    age(entry / "last-used", 300)
+    cache.max_bytes = sizes[second_file]
+    assert cache.evict() == [entry] and second_file.exists()
+    cache.max_bytes = 0
+    assert cache.evict() == [] and second_file.exists()  # mapped by ``again``
+    monkeypatch.delenv(ENV_MEMORY_CAP)
+    in_memory = load_path_data(job("second"), local)
+    assert not in_memory.streamed and torch.equal(again.x_train, in_memory.x_train)
+    del again
+    gc.collect()
+    assert cache.evict() == [second_file] and cache.entries() == [] and leftovers(cache) == []
