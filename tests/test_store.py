@@ -12,6 +12,7 @@ import pytest
 import redis
 from factories import epoch_ended, megabatch_ended, stored_metrics
 
+import app_common.store.leases as leases_module
 from app_common.events import MegabatchEnded, Pruned, RunStarted
 from app_common.jobs import ArtifactInfo, Progress
 from app_common.store import (
@@ -268,6 +269,29 @@ def test_leases(store: JobStore) -> None:
     assert store.acquire_lease(job_id, "w2", 5) is True
     store.release_lease(job_id, "w2")
     assert not store.lease_alive(job_id)
+
+
+def test_leases_and_reap_claims_are_read_in_batches(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reaper's reads and claims: one pipeline per BATCH jobs, the same answers as one by one."""
+    ids = [store.create_job("key_a", SPEC, queue="cpu").id for _ in range(5)]
+    assert store.acquire_lease(ids[1], "w1", 5)
+    assert store.claim_reap(ids[2], 60)
+    monkeypatch.setattr(leases_module, "BATCH", 2)
+    pipelines = []
+    execute = redis.client.Pipeline.execute
+
+    def counted(self: redis.client.Pipeline, raise_on_error: bool = True) -> list[object]:
+        pipelines.append(len(self.command_stack))
+        return execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counted)
+    assert store.leases_alive(ids) == {job_id: job_id == ids[1] for job_id in ids}
+    assert pipelines == [2, 2, 1]
+    assert store.claim_reaps(ids, 60) == set(ids) - {ids[2]}
+    assert store.claim_reaps(ids, 60) == set()  # claimed for the window: a second pass gets none
+    assert pipelines == [2, 2, 1] * 3
+    assert store.leases_alive([]) == {} and store.claim_reaps([], 60) == set() and len(pipelines) == 9
+    assert all(not store.claim_reap(job_id, 60) for job_id in ids)
 
 
 def test_heartbeat_renews_or_retakes_a_free_lease_and_stamps_the_record(store: JobStore) -> None:

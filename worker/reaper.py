@@ -56,44 +56,60 @@ def _orphan_candidates(store: JobStore) -> list[str]:
 def reap_orphans(store: JobStore, celery_app: Celery, settings: Settings) -> list[str]:
     """Send ``anytime_prune.run_job`` again for every started job with an expired lease.
 
-    Returns the ids of the jobs re-enqueued by this call.
+    Returns the ids of the jobs re-enqueued by this call. Redis is read in batches (every lease,
+    then the records of the jobs without one, then the claims), not job by job.
     """
-    reaped: list[str] = []
     window_s = reap_window_s(settings)
-    for job_id in _orphan_candidates(store):
-        # Lease first, record second: a job that finishes in between is then seen terminal.
-        if store.lease_alive(job_id):
-            continue
-        record = store.get_job(job_id)
+    candidates = _orphan_candidates(store)
+    # Lease first, record second: a job that finishes in between is then seen terminal.
+    alive = store.leases_alive(candidates)
+    unleased = [job_id for job_id in candidates if not alive[job_id]]
+    records = {record.id: record for record in store.get_jobs(unleased)}
+    orphans = []
+    for job_id in unleased:
+        record = records.get(job_id)
         if record is None or record.status not in (QUEUED, RUNNING, CANCELLING):
             continue
         if record.status == QUEUED and not record.attempt:
             continue  # never delivered yet: its message is still waiting in the queue
-        if not store.claim_reap(job_id, window_s):
-            continue  # another reaper (or this one, earlier) already re-enqueued it
+        orphans.append(record)
+    # Another reaper (or this one, earlier) may have re-enqueued some already: only claimed ones go.
+    claimed = store.claim_reaps([record.id for record in orphans], window_s)
+    reaped: list[str] = []
+    for record in orphans:
+        if record.id not in claimed:
+            continue
         queue = record.queue or settings.default_queue
-        celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
-        log.warning("job %s: its worker stopped renewing the lease; re-enqueued on %s", job_id, queue)
-        reaped.append(job_id)
+        celery_app.send_task(RUN_JOB_TASK, args=[record.id], queue=queue)
+        log.warning("job %s: its worker stopped renewing the lease; re-enqueued on %s", record.id, queue)
+        reaped.append(record.id)
     return reaped + _resend_lost_dispatches(store, celery_app, settings, window_s)
 
 
 def _resend_lost_dispatches(store: JobStore, celery_app: Celery, settings: Settings, window_s: float) -> list[str]:
     """Jobs the dispatcher handed to a worker a reap window ago that never started (never counted
     an attempt): that worker died with the message. Sent again on the job's training queue."""
-    resent: list[str] = []
-    for job_id in store.sent_jobs(older_than_s=window_s):
-        record = store.get_job(job_id)
+    sent = store.sent_jobs(older_than_s=window_s)
+    records = {record.id: record for record in store.get_jobs(sent)}
+    waiting = []
+    for job_id in sent:
+        record = records.get(job_id)
         if record is None or record.status != QUEUED or record.attempt:
             store.forget_sent(job_id)  # started (the checks above cover it from now on), or over
             continue
-        if store.lease_alive(job_id) or not store.claim_reap(job_id, window_s):
+        waiting.append(record)
+    alive = store.leases_alive([record.id for record in waiting])
+    lost = [record for record in waiting if not alive[record.id]]
+    claimed = store.claim_reaps([record.id for record in lost], window_s)
+    resent: list[str] = []
+    for record in lost:
+        if record.id not in claimed:
             continue
         queue = record.queue or settings.default_queue
-        celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
-        store.forget_sent(job_id)
-        log.warning("job %s: handed to a worker that never started it; re-sent on %s", job_id, queue)
-        resent.append(job_id)
+        celery_app.send_task(RUN_JOB_TASK, args=[record.id], queue=queue)
+        store.forget_sent(record.id)
+        log.warning("job %s: handed to a worker that never started it; re-sent on %s", record.id, queue)
+        resent.append(record.id)
     return resent
 
 

@@ -47,6 +47,14 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+# Jobs per pipeline of the batched reads and claims: one round trip each, bounded replies.
+BATCH = 500
+
+
+def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
+    return [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
+
+
 class LeaseOps(StoreBase):
     def acquire_lease(self, job_id: str, token: str, ttl_s: float) -> bool:
         """Take the job's lease unless another live token holds it."""
@@ -92,6 +100,27 @@ class LeaseOps(StoreBase):
         """True for the first reaper to claim re-enqueueing ``job_id`` within ``window_s``; every
         other claim in the window (another reaper, or this one's next pass) gets False."""
         return bool(self.redis.set(self.names.reaped(job_id), "1", nx=True, px=_ms(window_s)))
+
+    def leases_alive(self, job_ids: Sequence[str]) -> dict[str, bool]:
+        """:meth:`lease_alive` of each of ``job_ids``, in one round trip per :data:`BATCH` jobs."""
+        alive: dict[str, bool] = {}
+        for chunk in _chunks(job_ids):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in chunk:
+                pipe.exists(self.names.lease(job_id))
+            alive.update(zip(chunk, (bool(n) for n in pipe.execute()), strict=True))
+        return alive
+
+    def claim_reaps(self, job_ids: Sequence[str], window_s: float) -> set[str]:
+        """:meth:`claim_reap` of each of ``job_ids`` (in order), in one round trip per
+        :data:`BATCH` jobs; returns the ids this call claimed."""
+        claimed: set[str] = set()
+        for chunk in _chunks(job_ids):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in chunk:
+                pipe.set(self.names.reaped(job_id), "1", nx=True, px=_ms(window_s))
+            claimed.update(job_id for job_id, won in zip(chunk, pipe.execute(), strict=True) if won)
+        return claimed
 
     def redis_uptime_s(self) -> float | None:
         """Seconds since the Redis server started (INFO server); None where INFO is not allowed.
