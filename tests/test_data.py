@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import struct
+import tracemalloc
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from app_engine.data import (
     DATASET_LOADERS,
     Dataset,
     DatasetError,
+    DatasetSummary,
     channel_stats,
+    check_dataset,
     list_datasets,
     load_dataset,
     stratified_split,
@@ -400,6 +403,61 @@ def test_imagefolder_decompression_bomb_is_a_dataset_error(tmp_path: Path, monke
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)
     with pytest.raises(DatasetError, match=r"0\.png: unreadable image \(DecompressionBombError"):
         load_dataset(spec("imagefolder", tmp_path), seed=1)
+
+
+def test_checking_reads_what_the_loader_reads(tmp_path: Path) -> None:
+    """check_dataset (validating an upload) gives the loader's counts and classes, and the loader's
+    error for the same first bad image in folder order."""
+    rng = np.random.default_rng(0)
+    with_test, held_out = tmp_path / "with_test", tmp_path / "held_out"
+    for cls in ("a", "b", "c"):
+        for i in range(5):
+            pixels = rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)
+            save_image(held_out / "train" / cls / f"{i}.png", pixels, "PNG")
+            save_image(with_test / ("test" if i == 4 else "train") / cls / f"{i}.png", pixels, "PNG")
+    for root in (with_test, held_out):
+        folder = spec("imagefolder", root, image_size=12)
+        assert check_dataset(folder) == DatasetSummary.of(load_dataset(folder, seed=0))
+    assert check_dataset(held_out_spec := spec("imagefolder", held_out)) == DatasetSummary(
+        train_samples=12, test_samples=3, num_classes=3, classes=("a", "b", "c"), input_shape=(3, 32, 32))
+    assert check_dataset(spec("synthetic")) == DatasetSummary.of(load_dataset(spec("synthetic"), seed=0))
+
+    (held_out / "train" / "b" / "3.png").write_bytes(b"not an image")
+    (held_out / "train" / "b" / "1.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(DatasetError, match=r"b/1\.png: unreadable image") as loading:
+        load_dataset(held_out_spec, seed=0)
+    with pytest.raises(DatasetError, match=r"b/1\.png: unreadable image") as checking:
+        check_dataset(held_out_spec)
+    assert str(checking.value) == str(loading.value)
+    for image in (held_out / "train" / "b").iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError, match="train/b: empty class folder"):
+        check_dataset(held_out_spec)
+
+
+def test_checking_an_image_folder_holds_one_image_at_a_time(tmp_path: Path) -> None:
+    """Decoded, the folder is 120 images x 3 x 128 x 128 = 5.9 MB; checking it allocates less than
+    a tenth of that at its peak, where loading it allocates all of it (tracemalloc counts numpy's
+    buffers, where decoded images live; Pillow's own per-image buffers are bounded by its pixel
+    limit)."""
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        save_image(tmp_path / "train" / f"c{i % 3}" / f"{i:03d}.png", rng.integers(0, 256, (8, 8, 3), np.uint8), "PNG")
+    folder = spec("imagefolder", tmp_path, image_size=128)
+    decoded = 120 * 3 * 128 * 128
+
+    def peak(fn: Any) -> int:
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    checked = peak(lambda: check_dataset(folder))
+    loaded = peak(lambda: load_dataset(folder, seed=0))
+    assert loaded >= decoded, "the measurement does not see the decoded images"
+    assert checked < decoded / 10, (checked, decoded)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ the reason, one line naming the problem, never a path of this host):
 1. download the uploaded file from the object store into a private temporary folder;
 2. recompute its sha256 (a presigned upload reaches the store without the API seeing the bytes);
 3. unpack it with the upload limits (:func:`app_engine.data.archive.unpack_dataset`);
-4. load it with the loader of its format, as a training worker will.
+4. read it as the loader of its format will on a training worker
+   (:func:`app_engine.data.check_dataset`): an image folder is decoded one image at a time, so a
+   folder far larger than this worker's memory is checked all the same, and its first unreadable
+   member is the one named.
 
 A dataset deleted meanwhile, or no longer ``validating`` (a redelivered message), is left alone.
 The engine (torch) is imported inside :func:`inspect_upload` only, so the control worker's main
@@ -92,14 +95,14 @@ def _invalid(store: JobStore, dataset_id: str, reason: str) -> str:
 
 
 def inspect_upload(record: DatasetRecord, storage: Storage, settings: Settings, work: Path) -> DatasetInfo:
-    """Download, check, unpack and load ``record``'s upload inside ``work``; what the loader found.
+    """Download, check, unpack and read ``record``'s upload inside ``work``; what the loader finds.
 
     Raises :class:`InvalidDataset` for anything wrong with the upload itself, ObjectNotFound when
     it is not in the store; other errors (the store, the disk) propagate.
     """
     # The engine (and torch) only here: the control worker's main process never imports it.
     from app_common.spec import DatasetSpec
-    from app_engine.data import load_dataset
+    from app_engine.data import check_dataset
     from app_engine.data.archive import unpack_dataset
     from app_engine.errors import RunInputError
 
@@ -115,17 +118,17 @@ def inspect_upload(record: DatasetRecord, storage: Storage, settings: Settings, 
         path = unpack_dataset(record.format, content, unpacked, max_bytes=settings.max_dataset_extracted_bytes,
                               max_members=settings.max_dataset_members)
         content.unlink()  # the unpacked copy is all that is needed from here on
-        data = load_dataset(DatasetSpec(name=record.format, path=str(path)), seed=0)
+        summary = check_dataset(DatasetSpec(name=record.format, path=str(path)))
     except RunInputError as exc:
         raise InvalidDataset(public_reason(str(exc), unpacked, work)) from None
     except MemoryError:
         raise InvalidDataset("the dataset does not fit in the validating worker's memory") from None
     return DatasetInfo(
-        train_samples=int(data.y_train.shape[0]),
-        test_samples=int(data.y_test.shape[0]),
-        num_classes=data.num_classes,
-        classes=list(data.classes),
-        input_shape=list(data.input_shape),
+        train_samples=summary.train_samples,
+        test_samples=summary.test_samples,
+        num_classes=summary.num_classes,
+        classes=list(summary.classes),
+        input_shape=list(summary.input_shape),
     )
 
 

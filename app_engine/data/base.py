@@ -208,6 +208,44 @@ def load_dataset(spec: DatasetSpec, seed: int, *, options: DataOptions | None = 
     return ds
 
 
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What loading a dataset gives, without the data: sample counts, classes, one sample's shape."""
+
+    train_samples: int
+    test_samples: int
+    num_classes: int
+    classes: tuple[str, ...]
+    input_shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, ds: Dataset) -> DatasetSummary:
+        return cls(train_samples=int(ds.y_train.shape[0]), test_samples=int(ds.y_test.shape[0]),
+                   num_classes=ds.num_classes, classes=ds.classes, input_shape=ds.input_shape)
+
+
+# A checker reads every file a loader would and raises the same DatasetError on the same first bad
+# file, but holds one sample at a time: for loaders whose decoded set can be far larger than the
+# files (an image folder of JPEGs), so that checking an upload needs no more memory than one image.
+DatasetChecker = Callable[[DatasetSpec], DatasetSummary]
+DATASET_CHECKERS: Registry[DatasetChecker] = Registry("dataset checker")
+
+
+def register_checker(name: str) -> Callable[[DatasetChecker], DatasetChecker]:
+    """Register a bounded-memory checker ``fn(spec) -> DatasetSummary`` for the loader ``name``."""
+    return DATASET_CHECKERS.register(name)
+
+
+def check_dataset(spec: DatasetSpec) -> DatasetSummary:
+    """Read the dataset ``spec`` names as its loader would and summarise it, raising the loader's
+    :class:`DatasetError` for a bad file. With a registered checker (``imagefolder``) the memory
+    used stays bounded by one sample; other loaders load the set (its size is that of the files)."""
+    checker = DATASET_CHECKERS.get(spec.name)
+    if checker is not None:
+        return checker(spec)
+    return DatasetSummary.of(load_dataset(spec, seed=0))
+
+
 # --------------------------------------------------------------------------------------------------
 # Helpers shared by the loaders
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from app_engine.data.base import (
     TEST_FRACTION,
     Dataset,
     DatasetError,
+    DatasetSummary,
+    register_checker,
     register_dataset,
     require_path,
     stratified_split,
@@ -74,6 +77,62 @@ def _decode_into(out: np.ndarray, files: list[Path], rows: list[int], size: int)
         out[row] = _read_image(f, size)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """An image folder's files as the loader reads them: ``files[i]`` (label ``labels[i]``) is
+    decoded ``i``-th and lands in row ``rows[i]`` of the array (train rows first, ``n_train`` of
+    them, then test)."""
+
+    classes: list[str]
+    files: list[Path]
+    labels: np.ndarray
+    rows: list[int]
+    n_train: int
+
+    def summary(self, size: int) -> DatasetSummary:
+        return DatasetSummary(train_samples=self.n_train, test_samples=len(self.files) - self.n_train,
+                              num_classes=len(self.classes), classes=tuple(self.classes),
+                              input_shape=(3, size, size))
+
+
+def _layout(path: Path) -> _Layout:
+    """The classes and files under ``path`` (``train/<class>/``, optional ``test/<class>/``), with
+    every error of the folder's structure; no image is opened."""
+    train_dir = path / "train"
+    if not train_dir.is_dir():
+        raise DatasetError(f"{train_dir}: missing folder (expected {path}/train/<class>/<image files>)")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{train_dir}: no class folders")
+    train = _class_files(train_dir, classes)
+    test_dir = path / "test"
+    if test_dir.is_dir():
+        unknown = sorted(
+            p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes
+        )
+        if unknown:
+            raise DatasetError(f"{test_dir}: class folders {unknown} have no counterpart in {train_dir}")
+        test = _class_files(test_dir, classes)
+        if not test:
+            raise DatasetError(f"{test_dir}: no test images")
+        listed = train + test
+        rows = list(range(len(listed)))
+        n_train = len(train)
+    else:
+        labels = np.fromiter((label for _, label in train), dtype=np.int64, count=len(train))
+        train_idx, test_idx = stratified_split(labels, TEST_FRACTION, SPLIT_SEED)
+        if test_idx.size == 0:
+            raise DatasetError(f"{train_dir}: too few images to hold out a test split (need 2 per class)")
+        # Decoded in folder order (the first unreadable file in that order is the one reported),
+        # each into the row of its side of the split.
+        listed = train
+        rows = np.argsort(np.concatenate([train_idx, test_idx])).tolist()
+        n_train = int(train_idx.size)
+    labels = np.empty(len(listed), dtype=np.int64)
+    labels[rows] = [label for _, label in listed]  # by row: train, then test
+    return _Layout(classes=classes, files=[f for f, _ in listed], labels=labels, rows=rows, n_train=n_train)
+
+
 @register_dataset("imagefolder")
 def load_imagefolder(spec: DatasetSpec, seed: int) -> Dataset:
     """Images in ``path/train/<class>/`` (and ``path/test/<class>/``), read with Pillow as RGB and
@@ -85,57 +144,43 @@ def load_imagefolder(spec: DatasetSpec, seed: int) -> Dataset:
     the cache folder, reused while the folder is unchanged, and the dataset is ``streamed``.
     """
     path = require_path(spec)
-    train_dir = path / "train"
-    if not train_dir.is_dir():
-        raise DatasetError(f"{train_dir}: missing folder (expected {path}/train/<class>/<image files>)")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DatasetError(f"{train_dir}: no class folders")
-    train = _class_files(train_dir, classes)
-    listed = [f for f, _ in train]  # decoding order; rows: where each lands (train, then test)
-    test_dir = path / "test"
-    if test_dir.is_dir():
-        unknown = sorted(
-            p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes
-        )
-        if unknown:
-            raise DatasetError(f"{test_dir}: class folders {unknown} have no counterpart in {train_dir}")
-        test = _class_files(test_dir, classes)
-        if not test:
-            raise DatasetError(f"{test_dir}: no test images")
-        listed += [f for f, _ in test]
-        rows = list(range(len(listed)))
-    else:
-        labels = np.fromiter((label for _, label in train), dtype=np.int64, count=len(train))
-        train_idx, test_idx = stratified_split(labels, TEST_FRACTION, SPLIT_SEED)
-        if test_idx.size == 0:
-            raise DatasetError(f"{train_dir}: too few images to hold out a test split (need 2 per class)")
-        rows = np.argsort(np.concatenate([train_idx, test_idx])).tolist()
-        train, test = [train[i] for i in train_idx], [train[i] for i in test_idx]
-    files = [f for f, _ in train + test]
-    y = np.fromiter((label for _, label in train + test), dtype=np.int64, count=len(files))
+    layout = _layout(path)
     size = spec.image_size
-    shape = (len(files), 3, size, size)
+    shape = (len(layout.files), 3, size, size)
     options = current_options()
     streamed = math.prod(shape) > options.memory_cap_bytes
     if streamed and options.cache_dir is None:
         log.warning("%s: %d bytes decoded exceed the memory cap of %d, but no cache folder is set: "
                     "loading into memory", path, math.prod(shape), options.memory_cap_bytes)
         streamed = False
+    fill = partial(_decode_into, files=layout.files, rows=layout.rows, size=size)
     if streamed:
-        key = content_key(path, files, size, len(train))
-        x = decoded_array(options, path, key, shape, partial(_decode_into, files=listed, rows=rows, size=size))
+        # Files in row order (train, then test): which file lands where is part of the content.
+        by_row = [layout.files[i] for i in np.argsort(layout.rows)]
+        key = content_key(path, by_row, size, layout.n_train)
+        x = decoded_array(options, path, key, shape, fill)
     else:
         x = np.empty(shape, dtype=np.uint8)
-        _decode_into(x, listed, rows, size)
-    n = len(train)
+        fill(x)
+    n, y = layout.n_train, layout.labels
     return Dataset.from_tensors(
         "imagefolder",
         torch.from_numpy(x[:n]),
         torch.from_numpy(y[:n]),
         torch.from_numpy(x[n:]),
         torch.from_numpy(y[n:]),
-        num_classes=len(classes),
-        classes=classes,
+        num_classes=len(layout.classes),
+        classes=layout.classes,
         streamed=streamed,
     )
+
+
+@register_checker("imagefolder")
+def check_imagefolder(spec: DatasetSpec) -> DatasetSummary:
+    """Open and decode every image the loader would, in the loader's order, one at a time: the
+    same first error, and memory for one image whatever the folder's size (validating an upload)."""
+    path = require_path(spec)
+    layout = _layout(path)
+    for f in layout.files:
+        _read_image(f, spec.image_size)
+    return layout.summary(spec.image_size)

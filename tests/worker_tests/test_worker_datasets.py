@@ -3,12 +3,14 @@ backend and the engine's real loaders."""
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from dataset_support import digits_npz, uploaded
+from PIL import Image
 
 from app_common.settings import Settings
 from app_common.storage import LocalStorage, dataset_key
@@ -92,3 +94,34 @@ def test_deleted_or_missing_uploads(store: JobStore, storage: LocalStorage, loca
     assert store.delete_dataset(gone.id)
     assert validate_dataset(gone.id, store=store, storage=storage, settings=local) == OUTCOME_SKIPPED
     assert validate_dataset("f" * 32, store=store, storage=storage, settings=local) == OUTCOME_SKIPPED
+
+
+def test_an_image_folder_is_checked_image_by_image(store: JobStore, storage: LocalStorage, local: Settings,
+                                                  tmp_path: Path) -> None:
+    """A folder of good images is ready with the loader's counts (the images are checked one at a
+    time, never decoded into one array); one with unreadable members is invalid, naming the first
+    in folder order as the archive holds it."""
+    rng = np.random.default_rng(0)
+    good = tmp_path / "pets.zip"
+    with zipfile.ZipFile(good, "w") as zf:
+        for cls in ("cat", "dog"):
+            for i in range(5):
+                image = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (6, 6, 3), np.uint8)).save(image, format="PNG")
+                zf.writestr(f"pets/train/{cls}/{i}.png", image.getvalue())
+    record = uploaded(store, storage, good, fmt="imagefolder")
+    assert validate_dataset(record.id, store=store, storage=storage, settings=local) == "ready"
+    info = store.get_dataset(record.id).info  # type: ignore[union-attr]
+    assert info is not None and info.model_dump() == {
+        "train_samples": 8, "test_samples": 2, "num_classes": 2, "classes": ["cat", "dog"],
+        "input_shape": [3, 32, 32],
+    }
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(bad, "w") as zf:
+        for member in source.namelist():
+            broken = member in ("pets/train/dog/1.png", "pets/train/dog/3.png")
+            zf.writestr(member, b"not an image" if broken else source.read(member))
+    record = uploaded(store, storage, bad, fmt="imagefolder")
+    assert validate_dataset(record.id, store=store, storage=storage, settings=local) == "invalid"
+    reason = store.get_dataset(record.id).error  # type: ignore[union-attr]
+    assert reason is not None and reason.startswith("pets/train/dog/1.png: unreadable image"), reason
