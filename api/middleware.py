@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
+from typing import Any
 
+import fastapi.routing
 from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import problem_response
@@ -117,29 +120,68 @@ def is_json_media_type(content_type: str) -> bool:
     return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-def route_template(path: str, route_path: str | None) -> str:
-    """The full template of a matched request, e.g. ``/api/v1/jobs/{job_id}/events``.
+# The route label of a request no route matched (a 404 of the router, a redirect to the slashed
+# path): one value, whatever the path, so clients cannot grow the label set.
+UNMATCHED = "unmatched"
 
-    A route included with a prefix may know only its own part of the template (``/jobs/{job_id}``,
-    depending on the FastAPI version); prefixes have no parameters, so the missing leading
-    segments are copied from the request path.
+
+def route_templates(routes: Iterable[BaseRoute]) -> dict[int, str]:
+    """The full template of every route of an app, e.g. ``/api/v1/jobs/{job_id}/events``, by the
+    ``id()`` of the route object the router puts in the scope (``scope["route"]``) and of its
+    endpoint (Starlette's own routes, such as ``/openapi.json``, and mounts leave only that). A
+    mounted app (the docs' static files) is ``<mount path>/{path}``.
+
+    FastAPI keeps an included router's routes with their own path (``/jobs/{job_id}``) and the
+    prefix apart; ``fastapi.routing.iter_route_contexts`` joins them (older versions copy each
+    route with its full path into ``app.routes``, which is what is read without it).
     """
-    if not route_path:
-        return "<unmatched>"
-    actual = path.strip("/").split("/")
-    own = route_path.strip("/").split("/") if route_path.strip("/") else []
-    missing = actual[: max(0, len(actual) - len(own))]
-    return "/" + "/".join([*missing, *own])
+    contexts: Iterable[Any] = routes
+    iterate = getattr(fastapi.routing, "iter_route_contexts", None)
+    if iterate is not None:
+        contexts = iterate(list(routes))
+    templates: dict[int, str] = {}
+    for context in contexts:
+        original = getattr(context, "original_route", context)
+        path = getattr(context, "path_format", None) or getattr(context, "path", None)
+        if not isinstance(path, str):
+            continue
+        if isinstance(original, Mount):  # its path_format is already "<mount path>/{path}"
+            template = str(getattr(context, "path", "")).rstrip("/") + "/{path}"
+            templates.setdefault(id(original), template)
+            templates.setdefault(id(original.app), template)
+            continue
+        templates.setdefault(id(original), path)
+        endpoint = getattr(context, "endpoint", None)
+        if endpoint is not None:
+            templates.setdefault(id(endpoint), path)
+    return templates
 
 
 class RequestMetricsMiddleware:
-    """Counts requests by route template (not raw path: fuzzed URLs must not explode the label
-    set), method and status, and times them."""
+    """Counts requests by route template (never the raw path: fuzzed URLs must not explode the
+    label set; see :func:`route_templates`), method and status, and times them."""
 
     def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram):
         self.app = app
         self.requests = requests
         self.latency = latency
+        # Built at the first request, when every route is in place; rebuilt when a route added
+        # later answers (its id is not in it yet).
+        self._templates: dict[int, str] | None = None
+
+    def route_label(self, scope: Scope) -> str:
+        """The template of the route that answered (see :func:`route_templates`), else
+        :data:`UNMATCHED`; never a part of the request's own path."""
+        matched = scope.get("route") or scope.get("endpoint")
+        if matched is None:
+            return UNMATCHED
+        for attempt in range(2):
+            if self._templates is None or attempt:
+                self._templates = route_templates(getattr(scope.get("app"), "routes", ()))
+            for candidate in (scope.get("route"), scope.get("endpoint")):
+                if candidate is not None and id(candidate) in self._templates:
+                    return self._templates[id(candidate)]
+        return UNMATCHED
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,11 +199,8 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = scope.get("route")
-            # Plain Starlette routes (/docs, /openapi.json) have no parameters: their path is the template.
-            route_path = getattr(route, "path", None) if route else (scope["path"] if "endpoint" in scope else None)
-            template = route_template(scope["path"], route_path)
+            template = self.route_label(scope)
             method = scope.get("method", "")
-            method = method if route_path and method in _METHODS else "OTHER"
+            method = method if template != UNMATCHED and method in _METHODS else "OTHER"
             self.requests.labels(template, method, str(status)).inc()
             self.latency.labels(template, method).observe(time.perf_counter() - start)
