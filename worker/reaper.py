@@ -29,6 +29,7 @@ from app_common.events import CANCELLING, QUEUED, RUNNING
 from app_common.settings import Settings
 from app_common.store import JobStore
 from app_common.tasks import RUN_JOB_TASK
+from app_common.webhooks import delivery_window_s
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,9 @@ class ReaperThread(threading.Thread):
             self._unreachable = False
             self._hold_until = now + ttl
             log.warning("reaper: Redis answers again; re-sending nothing for %.0f s while workers renew leases", ttl)
+        # Webhook deliveries past their deadline are given up here too: the outbox stays bounded
+        # where no courier runs (a control worker without the `webhooks` extra, or none at all).
+        self.store.expire_deliveries(delivery_window_s(self.settings))
         # A restart this reaper did not notice (it fell between two passes) expired leases too.
         uptime = self.store.redis_uptime_s()
         if uptime is not None and uptime < ttl:

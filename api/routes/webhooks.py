@@ -34,11 +34,19 @@ class DeliveryAttempt(BaseModel):
     time: str = Field(description="When the attempt started (UTC).")
     event: Literal["job.started", "job.megabatch", "job.completed"]
     webhook_id: str = Field(description="The delivery's `webhook-id` header: the same on every retry.")
-    attempt: int = Field(ge=1)
+    attempt: int = Field(
+        ge=0, description="The attempt's number (1 for the first). On the entry that gives a delivery up at its "
+        "deadline (error `expired: ...`): the attempts made before it, 0 when none was made.",
+    )
     status_code: int | None = Field(description="The receiver's HTTP status; null when there was no answer.")
-    error: str | None = Field(description="Why there was no answer (timeout, refused address, ...).")
+    error: str | None = Field(
+        description="Why there was no answer (timeout, refused address, ...), or why the delivery was given up: "
+        "`expired: ...` when its retry window (the whole retry schedule, about an hour by default) ended "
+        "before it was delivered, for instance because no control worker with the `webhooks` extra runs."
+    )
     outcome: Literal["delivered", "retrying", "failed"] = Field(
-        description="delivered: a 2xx; retrying: another attempt follows at next_attempt_at; failed: given up."
+        description="delivered: a 2xx; retrying: another attempt follows at next_attempt_at; failed: given up "
+        "(the last attempt failed, or the delivery's deadline passed)."
     )
     next_attempt_at: str | None
     megabatch: int | None = Field(default=None, description="The megabatch of a job.megabatch delivery.")

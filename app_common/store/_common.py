@@ -25,7 +25,9 @@ Key layout under the prefix ``p`` (see docs/SERVICE_CONTRACTS.md)::
     {p}:webhook:msg:{msg_id}     hash   one pending webhook delivery (see app_common.store.webhooks)
     {p}:webhook:due              zset   pending delivery ids, score = next attempt time in ms
     {p}:webhook:claimed          zset   delivery ids a courier holds, score = claim expiry in ms
+    {p}:webhook:queued           zset   pending delivery ids, score = when queued in ms (their deadlines)
     {p}:job:{id}:deliveries      list   the job's delivery attempts (JSON), newest first, bounded
+    {p}:streams:{owner}          zset   the key's open event streams (slot ids), score = lease end in ms
 """
 
 from __future__ import annotations
@@ -194,8 +196,15 @@ class KeyNames:
     def webhook_claimed(self) -> str:
         return f"{self.prefix}:webhook:claimed"
 
+    @property
+    def webhook_queued(self) -> str:
+        return f"{self.prefix}:webhook:queued"
+
     def deliveries(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:deliveries"
+
+    def stream_slots(self, owner: str) -> str:
+        return f"{self.prefix}:streams:{owner}"
 
     @property
     def rate_limits(self) -> str:

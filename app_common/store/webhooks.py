@@ -13,6 +13,13 @@ couriers never send the same attempt at once, and a dead courier's claims go bac
 when they expire (at-least-once). :meth:`WebhookOps.finish_attempt` records the attempt and
 either drops the delivery (delivered, or given up) or puts it back with its next attempt time;
 it does nothing for a claim that expired meanwhile (a courier took it again).
+
+Every delivery has a deadline: the time it was queued (kept in the ``queued`` set) plus the retry
+window (:func:`app_common.webhooks.delivery_window_s`, from the settings of the process that
+looks). :meth:`WebhookOps.expire_deliveries` gives up, a bounded number per call, the deliveries
+past it that no live claim holds, and writes why in the job's history. Every worker's reaper calls
+it, so the outbox stays bounded even where no courier runs (a control worker without the
+``webhooks`` extra, or none at all); the courier calls it before claiming.
 """
 
 from __future__ import annotations
@@ -21,13 +28,16 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, cast
 
-from app_common.store._common import StoreBase, dumps, is_job_id
-from app_common.webhooks import new_secret
+from app_common.store._common import StoreBase, dumps, format_time, is_job_id
+from app_common.webhooks import EVENT_TYPES, new_secret
 
 # Attempts kept per job in its delivery history (newest first in Redis).
 HISTORY_MAX = 200
+# Deliveries one expire_deliveries call gives up at most; the rest wait for the next call.
+EXPIRE_BATCH = 200
 
 # A Lua function for the scripts that change a job: queue a delivery of ``event`` when the job's
 # ``notify`` asks for it. ``msg_id`` is the new delivery's webhook-id (made by the caller; unused
@@ -46,8 +56,9 @@ local function enqueue_webhook(prefix, job_id, event, msg_id, now_ms, now_iso, e
   if not wanted then return end
   redis.call('HSET', prefix .. ':webhook:msg:' .. msg_id, 'job_id', job_id, 'event', event,
              'url', notify['url'], 'timestamp', now_iso, 'megabatch', extra, 'attempt', '0',
-             'record', cjson.encode(redis.call('HGETALL', job_key)))
+             'queued', now_ms, 'record', cjson.encode(redis.call('HGETALL', job_key)))
   redis.call('ZADD', prefix .. ':webhook:due', now_ms, msg_id)
+  redis.call('ZADD', prefix .. ':webhook:queued', now_ms, msg_id)
 end
 """
 
@@ -67,6 +78,8 @@ for _, m in ipairs(due) do
     redis.call('HSET', key, 'claim', ARGV[5])
     redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[3]), m)
     out[#out + 1] = m
+  else
+    redis.call('ZREM', ARGV[1] .. ':webhook:queued', m)
   end
 end
 return out
@@ -74,7 +87,8 @@ return out
 
 _FINISH = """
 -- KEYS: delivery, due, claimed, job's history, job
--- ARGV: msg id, claim token, attempt JSON, attempt number, next attempt ms ('' = over), body, history max
+-- ARGV: msg id, claim token, attempt JSON, attempt number, next attempt ms ('' = over), body, history max,
+--       the queued set
 if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[5]) == 1 then
@@ -83,6 +97,7 @@ if redis.call('EXISTS', KEYS[5]) == 1 then
 end
 if ARGV[5] == '' then
   redis.call('DEL', KEYS[1])
+  redis.call('ZREM', ARGV[8], ARGV[1])
 else
   redis.call('HSET', KEYS[1], 'attempt', ARGV[4], 'claim', '', 'body', ARGV[6])
   redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
@@ -90,9 +105,70 @@ end
 return 1
 """
 
+_EXPIRE = """
+-- KEYS: due, claimed, queued; ARGV: prefix, now ms, history max, then per delivery:
+-- msg id, job id, its attempt count as read (the entry is stale if it changed), history entry JSON
+local out = {}
+for i = 4, #ARGV, 4 do
+  local m, job_id = ARGV[i], ARGV[i + 1]
+  local key = ARGV[1] .. ':webhook:msg:' .. m
+  local held = redis.call('ZSCORE', KEYS[2], m)
+  local live = held and tonumber(held) > tonumber(ARGV[2])
+  local attempt = redis.call('HGET', key, 'attempt')
+  if not live and ((not attempt) or attempt == ARGV[i + 2]) then
+    redis.call('ZREM', KEYS[1], m)
+    redis.call('ZREM', KEYS[2], m)
+    redis.call('ZREM', KEYS[3], m)
+    if attempt then
+      redis.call('DEL', key)
+      local job_key = ARGV[1] .. ':job:' .. job_id
+      if job_id ~= '' and redis.call('EXISTS', job_key) == 1 then
+        redis.call('LPUSH', job_key .. ':deliveries', ARGV[i + 3])
+        redis.call('LTRIM', job_key .. ':deliveries', 0, tonumber(ARGV[3]) - 1)
+      end
+      out[#out + 1] = m
+    end
+  end
+end
+return out
+"""
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:g} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _at(ms: int) -> str:
+    return format_time(datetime.fromtimestamp(ms / 1000, UTC))
+
+
+def expired_entry(msg_id: str, raw: dict[str, str], *, window_s: float, now: int) -> dict[str, Any]:
+    """The history entry that gives up delivery ``msg_id`` (its hash ``raw``) at its deadline."""
+    attempts = int(raw.get("attempt") or 0)
+    queued = int(raw.get("queued") or 0)
+    since = f"queued at {_at(queued)}, " if queued else ""
+    if attempts:
+        what = f"{attempts} attempt{'s' if attempts > 1 else ''} made, none delivered"
+    else:
+        what = "never attempted: no courier took it (is a control worker with the `webhooks` extra running?)"
+    entry: dict[str, Any] = {
+        "time": _at(now),
+        "event": EVENT_TYPES.get(raw.get("event", ""), raw.get("event", "")),
+        "webhook_id": msg_id,
+        "attempt": attempts,
+        "status_code": None,
+        "error": f"expired: not delivered within its retry window of {_span(window_s)} ({since}"
+                 f"deadline {_at(queued + int(window_s * 1000)) if queued else 'passed'}); {what}",
+        "outcome": "failed",
+        "next_attempt_at": None,
+    }
+    if raw.get("megabatch"):
+        entry["megabatch"] = json.loads(raw["megabatch"]).get("index")
+    return entry
 
 
 @dataclass(frozen=True)
@@ -109,6 +185,7 @@ class PendingDelivery:
     body: str | None  # set after the first attempt: every retry sends the same bytes
     attempts: int  # attempts made so far
     claim: str
+    queued_ms: int | None  # when it was queued (its deadline is this plus the retry window)
 
 
 class WebhookOps(StoreBase):
@@ -152,6 +229,7 @@ class WebhookOps(StoreBase):
             timestamp=raw.get("timestamp", ""), record_fields=fields,
             megabatch=json.loads(raw["megabatch"]) if raw.get("megabatch") else None,
             body=raw.get("body") or None, attempts=int(raw.get("attempt") or 0), claim=raw.get("claim", ""),
+            queued_ms=int(raw["queued"]) if raw.get("queued") else None,
         )
 
     def finish_attempt(
@@ -164,9 +242,36 @@ class WebhookOps(StoreBase):
             keys=[self.names.webhook_message(delivery.msg_id), self.names.webhook_due, self.names.webhook_claimed,
                   self.names.deliveries(delivery.job_id), self.names.job(delivery.job_id)],
             args=[delivery.msg_id, token, dumps(attempt), attempt["attempt"],
-                  "" if next_at_ms is None else next_at_ms, body, HISTORY_MAX],
+                  "" if next_at_ms is None else next_at_ms, body, HISTORY_MAX, self.names.webhook_queued],
         )
         return bool(done)
+
+    def expire_deliveries(self, window_s: float, *, limit: int = EXPIRE_BATCH) -> list[str]:
+        """Give up the deliveries queued more than ``window_s`` ago (their deadline passed), at most
+        ``limit`` of them, oldest first; returns their ids. Each gets a last history entry with
+        outcome ``failed`` and an ``expired: ...`` error saying why. A delivery a courier holds right
+        now (a live claim) is left to that courier; it expires on a later call if still pending."""
+        now = now_ms()
+        cutoff = f"({now - int(window_s * 1000)}"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrangebyscore(self.names.webhook_queued, "-inf", cutoff, start=0, num=limit)
+        # Deliveries queued before deadlines were kept are in no queued set; one due (or held)
+        # since before the cutoff was queued before it too.
+        pipe.zrangebyscore(self.names.webhook_due, "-inf", cutoff, start=0, num=limit)
+        pipe.zrangebyscore(self.names.webhook_claimed, "-inf", cutoff, start=0, num=limit)
+        ids = list(dict.fromkeys(str(m) for group in pipe.execute() for m in group))[:limit]
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for msg_id in ids:
+            pipe.hgetall(self.names.webhook_message(msg_id))
+        args: list[Any] = [self.prefix, now, HISTORY_MAX]
+        for msg_id, raw in zip(ids, cast(list[dict[str, str]], pipe.execute()), strict=True):
+            entry = expired_entry(msg_id, raw, window_s=window_s, now=now) if raw else {}
+            args += [msg_id, raw.get("job_id", ""), raw.get("attempt", ""), dumps(entry)]
+        expired = self._script(_EXPIRE)(
+            keys=[self.names.webhook_due, self.names.webhook_claimed, self.names.webhook_queued], args=args)
+        return [str(m) for m in expired]
 
     def pending_deliveries(self) -> int:
         """Deliveries queued or being attempted."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 from api_support import SMALL, Api, assert_problem, make_api
 from standardwebhooks import Webhook
@@ -84,3 +85,18 @@ async def test_public_addresses_are_accepted_and_allow_private_skips_the_check(s
     assert job["notify"]["url"] == "https://93.184.215.14:8443/hook"
     job = await api.submit({**SMALL, "notify": {"url": "http://127.0.0.1:8080/hook", "events": ["megabatch"]}})
     assert job["notify"] == {"url": "http://127.0.0.1:8080/hook", "events": ["megabatch"]}
+
+
+async def test_a_delivery_given_up_at_its_deadline_shows_why(api: Api) -> None:
+    """No courier ran: the delivery expires (short window) and its history says so."""
+    job = await api.submit({**SMALL, "notify": {"url": "http://127.0.0.1:9/hook"}})
+    assert (await api.client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=api.a)).status_code == 200
+    await anyio.sleep(0.06)
+    [msg_id] = api.store.expire_deliveries(0.05)
+    r = await api.client.get(f"/api/v1/jobs/{job['id']}/deliveries", headers=api.a)
+    assert r.status_code == 200, r.text
+    [entry] = r.json()["items"]
+    assert entry["webhook_id"] == msg_id and entry["event"] == "job.completed"
+    assert entry["outcome"] == "failed" and entry["attempt"] == 0 and entry["status_code"] is None
+    assert entry["error"].startswith("expired: not delivered within its retry window of 0.05 s")
+    assert entry["next_attempt_at"] is None and api.store.pending_deliveries() == 0
