@@ -271,6 +271,14 @@ class Client:
         """Replace the API key's webhook signing secret; returns the new one."""
         return str(self._json("POST", f"{API_PREFIX}/webhooks/secret/rotate")["secret"])
 
+    def deliveries(self, job_id: str) -> builtins.list[dict[str, Any]]:
+        """The job's webhook delivery attempts, oldest first (the newest 200; one page): time,
+        event, webhook_id, attempt, status_code, error, outcome (delivered | retrying | failed),
+        next_attempt_at and, for ``job.megabatch``, megabatch. A delivery given up at its deadline
+        ends with a ``failed`` entry whose error starts with ``expired:``."""
+        listing: dict[str, builtins.list[dict[str, Any]]] = self._json("GET", self._job_path(job_id, "/deliveries"))
+        return listing["items"]
+
     # --- datasets -------------------------------------------------------------------------
     @staticmethod
     def _dataset_path(dataset_id: str, suffix: str = "") -> str:

@@ -159,11 +159,6 @@ def verified(hit: Hit, secret: str) -> dict[str, Any]:
     return payload
 
 
-def attempts(client: Client, job_id: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = client._json("GET", client._job_path(job_id, "/deliveries"))["items"]
-    return items
-
-
 def test_a_slow_receiver_does_not_hold_the_job(
     client: Client, receiver: Receiver, jobs: dict[str, str], secret: str, stack: ServiceStack
 ) -> None:
@@ -185,12 +180,12 @@ def test_completed_once_with_the_job_as_get_returns_it(
     job = client.wait(job_id, timeout=WAIT_S)
     assert job["status"] == "succeeded", (job["error"], stack.log_tail())
     receiver.wait_for("the completed webhook", lambda: any(
-        a["outcome"] == "delivered" and a["event"] == "job.completed" for a in attempts(client, job_id)), stack)
+        a["outcome"] == "delivered" and a["event"] == "job.completed" for a in client.deliveries(job_id)), stack)
     [hit] = [h for h in receiver.at("/slow") if verified(h, secret)["type"] == "job.completed"]
     payload = verified(hit, secret)
     assert payload["type"] == "job.completed" and set(payload) == {"type", "timestamp", "data"}
     assert payload["data"] == client.status(job_id)
-    [attempt] = [a for a in attempts(client, job_id) if a["event"] == "job.completed"]
+    [attempt] = [a for a in client.deliveries(job_id) if a["event"] == "job.completed"]
     assert attempt["webhook_id"] == hit.headers["webhook-id"] and attempt["status_code"] == 200
     assert attempt["event"] == "job.completed" and attempt["attempt"] == 1 and attempt["next_attempt_at"] is None
     # A body changed in transit fails verification.
@@ -209,7 +204,7 @@ def test_each_megabatch_delivered_and_retried_with_the_same_id(
     job = client.wait(job_id, timeout=WAIT_S)
     assert job["status"] == "succeeded", (job["error"], stack.log_tail())
     receiver.wait_for("4 megabatch webhooks delivered", lambda: sum(
-        a["outcome"] == "delivered" for a in attempts(client, job_id)) == 4, stack)
+        a["outcome"] == "delivered" for a in client.deliveries(job_id)) == 4, stack)
     by_id: dict[str, list[Hit]] = {}
     for hit in receiver.at("/flaky"):
         by_id.setdefault(hit.headers["webhook-id"], []).append(hit)
@@ -226,9 +221,33 @@ def test_each_megabatch_delivered_and_retried_with_the_same_id(
             "test_accuracy"]
         assert first["data"]["progress"]["megabatch"] == index  # the job as it was at that megabatch
     assert sorted(indices) == [1, 2, 3, 4]
-    history = attempts(client, job_id)
+    history = client.deliveries(job_id)
     assert sorted((a["megabatch"], a["attempt"], a["status_code"]) for a in history) == [
         (i, n, code) for i in (1, 2, 3, 4) for n, code in ((1, 500), (2, 200))]
+
+
+def test_client_and_cli_list_a_jobs_deliveries(
+    client: Client, receiver: Receiver, jobs: dict[str, str], stack: ServiceStack
+) -> None:
+    job_id = jobs["flaky"]  # 4 megabatch webhooks, each 500 then 200: 8 attempts once all are delivered
+    receiver.wait_for("4 megabatch webhooks delivered", lambda: sum(
+        a["outcome"] == "delivered" for a in client.deliveries(job_id)) == 4, stack)
+    listing = client.deliveries(job_id)
+    as_json = stack.cli("webhooks", "deliveries", job_id, "--json", secret=client.api_key)
+    table = stack.cli("webhooks", "deliveries", job_id, secret=client.api_key)
+    missing = stack.cli("webhooks", "deliveries", "0" * 32, secret=client.api_key)
+    assert as_json.returncode == 0 and table.returncode == 0, (as_json.stderr, table.stderr)
+    assert json.loads(as_json.stdout) == listing and len(listing) == 8
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == ["time", "(UTC)", "event", "megabatch", "webhook-id", "attempt", "status", "outcome",
+                              "next", "(UTC)", "/", "error"]
+    # date, time, event, megabatch, webhook-id, attempt, status, outcome[, next attempt's date and time]
+    rows = [line.split() for line in lines]
+    assert sorted((r[2], int(r[3]), int(r[5]), r[6], r[7], len(r)) for r in rows) == [
+        ("job.megabatch", i, n, code, outcome, size)
+        for i in (1, 2, 3, 4) for n, code, outcome, size in ((1, "500", "retrying", 10), (2, "200", "delivered", 8))]
+    assert [r[4] for r in rows] == [a["webhook_id"] for a in listing]  # oldest first, as the API lists them
+    assert missing.returncode == 4 and "404" in missing.stderr, missing.stderr
 
 
 def test_a_redirect_is_not_followed(
@@ -237,8 +256,8 @@ def test_a_redirect_is_not_followed(
     job_id = jobs["redirect"]
     job = client.wait(job_id, timeout=WAIT_S)
     assert job["status"] == "cancelled", (job["error"], stack.log_tail())
-    receiver.wait_for("the redirected webhook's attempts", lambda: len(attempts(client, job_id)) >= 2, stack)
-    first, second = attempts(client, job_id)[:2]
+    receiver.wait_for("the redirected webhook's attempts", lambda: len(client.deliveries(job_id)) >= 2, stack)
+    first, second = client.deliveries(job_id)[:2]
     assert first["status_code"] == 302 and first["outcome"] == "retrying" and first["next_attempt_at"]
     assert second["webhook_id"] == first["webhook_id"] and second["attempt"] == 2
     assert receiver.at("/target") == [] and len(receiver.at("/redirect")) >= 2
