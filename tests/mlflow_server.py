@@ -5,21 +5,29 @@ it. Not a test module (no ``test_`` prefix); ``conftest.py`` starts one per sess
 Start-up imports MLflow twice (the CLI, then its uvicorn worker) and creates the database tables:
 several seconds on an idle machine, much longer on a loaded one, so the wait is generous. The
 server's background job runner (a dozen huey consumers, for GenAI features) is switched off.
+
+:func:`gated_proxy` puts a real HTTP server in front of it that holds every request until the test
+opens its gate: a tracking server far slower than training, or (never opened) a dead one that
+accepts connections and never answers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from service_stack import free_port, stop_process
 
@@ -80,3 +88,96 @@ def run_mlflow_server(folder: Path, *, startup_timeout_s: float = 240.0) -> Iter
         # Nothing to keep: SIGKILL spares the graceful shutdown's seconds (uvicorn waits for idle
         # keep-alive connections, the CLI for its worker).
         stop_process(proc, timeout=0.0)
+
+
+# Headers of one connection, not of the message: never relayed.
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+                         "upgrade", "host", "content-length", "server", "date"})
+
+
+class GatedProxy(ThreadingHTTPServer):
+    """An HTTP server on 127.0.0.1 that reads each request at once, then holds it until
+    :meth:`open` and relays it to ``target`` (and the answer back). ``received`` and ``answered``
+    count requests."""
+
+    daemon_threads = True
+
+    def __init__(self, target: str) -> None:
+        super().__init__(("127.0.0.1", 0), _Relay)
+        parts = urlsplit(target)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.gate = threading.Event()
+        self.received = 0
+        self.answered = 0
+        self.first_request = threading.Event()
+        self._count = threading.Lock()
+
+    def open(self) -> None:
+        self.gate.set()
+
+    def count(self, *, answered: bool) -> None:
+        with self._count:
+            if answered:
+                self.answered += 1
+            else:
+                self.received += 1
+                self.first_request.set()
+
+
+class _Relay(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: GatedProxy
+
+    def relay(self) -> None:
+        body = self._body()
+        self.server.count(answered=False)
+        self.server.gate.wait()
+        upstream = http.client.HTTPConnection(*self.server.target, timeout=120)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.server.count(answered=True)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = relay
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                pass
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 -- the base class's name
+        pass
+
+
+@contextlib.contextmanager
+def gated_proxy(target: str) -> Iterator[GatedProxy]:
+    """A :class:`GatedProxy` in front of ``target``; at the end its gate opens (what it still
+    holds goes through) and it stops."""
+    proxy = GatedProxy(target)
+    thread = threading.Thread(target=proxy.serve_forever, name="gated-proxy", daemon=True)
+    thread.start()
+    try:
+        yield proxy
+    finally:
+        proxy.open()
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(timeout=10)

@@ -1,13 +1,15 @@
 """worker/tracking.py: jobs as MLflow runs, against a real ``mlflow server`` (SQLite, local artifact
 root) and real digits runs through ``execute_job`` (no Celery). tests/test_tracking_e2e.py runs a
 fresh job through the whole service; here a job whose first delivery is lost mid-run is checked
-the same way (its one run holds everything)."""
+the same way (its one run holds everything), and so is a job whose tracking server holds every
+request until training is over (a real HTTP server in front of MLflow: tests/mlflow_server.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -16,17 +18,20 @@ from typing import Any
 
 import httpx
 import pytest
-from mlflow_server import MlflowServer
+from mlflow_server import MlflowServer, gated_proxy
 from service_stack import free_port
 
 from anytime_prune.client import JobEvent
 from anytime_prune.client_cli import EventProgress
-from app_common.events import RunEnded, RunStarted, WarningIssued, event_from_dict, event_to_dict
+from app_common.events import EpochEnded, RunEnded, RunStarted, WarningIssued, event_from_dict, event_to_dict
 from app_common.jobs import MlflowRun, Tracking
 from app_common.settings import Settings
 from app_common.store import JobStore
+from worker import tracking as tracking_module
 from worker.job import execute_job
 from worker.tracking import JobTracking, flatten_params, redact, run_url
+
+HANG_GUARD_S = 300.0  # for what takes seconds
 
 # Three megabatches of one epoch on digits: seconds on one CPU thread.
 SPEC: dict[str, Any] = {
@@ -39,17 +44,30 @@ SPEC: dict[str, Any] = {
 }
 
 
-def make_settings(tmp_path: Path, redis_url: str, key_prefix: str, tracking_uri: str | None) -> Settings:
+def make_settings(tmp_path: Path, redis_url: str, key_prefix: str, tracking_uri: str | None,
+                  public_url: str | None = None) -> Settings:
     (tmp_path / "data").mkdir(exist_ok=True)
     return Settings(
         redis_url=redis_url, redis_prefix=key_prefix, artifacts_dir=tmp_path / "artifacts",
         storage_dir=tmp_path / "storage", data_dir=tmp_path / "data", job_lease_ttl_s=2,
-        celery_key_prefix=f"{key_prefix}:celery:", mlflow_tracking_uri=tracking_uri,
+        celery_key_prefix=f"{key_prefix}:celery:", mlflow_tracking_uri=tracking_uri, mlflow_public_url=public_url,
     )
 
 
 def events(store: JobStore, job_id: str) -> list[tuple[str, dict[str, Any]]]:
     return store.read_events(job_id, count=10_000)
+
+
+def status_index(stream: list[tuple[str, dict[str, Any]]], status: str) -> int:
+    """Where the job's move to ``status`` is in its event stream."""
+    return next(i for i, (_, e) in enumerate(stream) if e["type"] == "status_changed" and e["status"] == status)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} in {HANG_GUARD_S:g} s"
+        time.sleep(0.05)
 
 
 def sha256(data: bytes) -> str:
@@ -192,7 +210,9 @@ def test_unreachable_server_costs_one_warning(
     store: JobStore, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     """A tracking URI where nothing listens: the job succeeds untracked, with one warning event
-    right after run_started (entry ids are Redis's millisecond clock: the failure cost seconds)."""
+    between run_started and the job's success (the engine's thread never called the server: the
+    sender's error is reported from the next event, or at the end; entry ids are Redis's
+    millisecond clock: the failure cost seconds)."""
     uri = f"http://127.0.0.1:{free_port()}"
     settings = make_settings(tmp_path, redis_url, key_prefix, uri)
     job = store.create_job("key_down", SPEC, queue="cpu")
@@ -201,15 +221,86 @@ def test_unreachable_server_costs_one_warning(
     elapsed = time.monotonic() - started
     stream = events(store, job.id)
     kinds = [e["type"] for _, e in stream]
-    assert kinds.count("warning") == 1 and kinds.index("warning") == kinds.index("run_started") + 1
+    assert kinds.count("warning") == 1
+    assert kinds.index("run_started") < kinds.index("warning") < status_index(stream, "succeeded")
     entry_id, warning = stream[kinds.index("warning")]
-    assert warning["source"] == "mlflow" and uri in warning["message"]
+    assert warning["source"] == "mlflow" and uri in warning["message"] and "stopped" in warning["message"]
     cost_s = (int(entry_id.split("-")[0]) - int(stream[kinds.index("run_started")][0].split("-")[0])) / 1000
     print(f"unreachable tracking server: the warning came {cost_s:.1f} s after run_started; job {elapsed:.1f} s")
     # A hang guard, 10x the few seconds expected: MLflow's own defaults take minutes.
     assert cost_s < 60
     record = store.get_job(job.id)
     assert record is not None and record.mlflow is None and record.result is not None
+
+
+def test_slow_server_does_not_hold_training(
+    mlflow_server: MlflowServer, store: JobStore, redis_url: str, key_prefix: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tracking server holds every request until the run is over: all three megabatches are
+    trained and the run ends while it has answered nothing; the queue (two updates here) overflows,
+    which one warning says. Once it answers, the job's end waits for its run: the run holds
+    everything (what was dropped, from result.json) and is FINISHED before the job succeeds."""
+    monkeypatch.setattr(tracking_module, "QUEUE_LIMIT", 2)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # the held request must not time out
+    experiment = f"test-{uuid.uuid4().hex[:8]}"
+    job = store.create_job("key_slow", SPEC, queue="cpu", tracking=Tracking(mlflow_experiment=experiment))
+    outcome: list[str] = []
+    with gated_proxy(mlflow_server.url) as proxy:
+        settings = make_settings(tmp_path, redis_url, key_prefix, proxy.url, public_url=mlflow_server.url)
+        worker = threading.Thread(target=lambda: outcome.append(execute_job(job.id, store=store, settings=settings)))
+        worker.start()
+        wait_until(lambda: "run_ended" in [e["type"] for _, e in events(store, job.id)], "run_ended")
+        kinds = [e["type"] for _, e in events(store, job.id)]
+        assert kinds.count("megabatch_ended") == 3 and proxy.first_request.is_set() and proxy.answered == 0
+        record = store.get_job(job.id)
+        assert record is not None and record.status == "running" and record.mlflow is None  # waiting for MLflow
+        proxy.open()
+        worker.join(HANG_GUARD_S)
+        assert not worker.is_alive() and outcome == ["succeeded"]
+        assert proxy.answered == proxy.received
+    run = check_run_matches_job(mlflow_client(mlflow_server), mlflow_server, store, job.id, "key_slow", experiment)
+    stream = events(store, job.id)
+    kinds = [e["type"] for _, e in stream]
+    succeeded = status_index(stream, "succeeded")
+    # FINISHED (the client's clock) before the job's success (Redis's clock, the same machine's, in ms).
+    assert run.info.end_time <= int(stream[succeeded][0].split("-")[0])
+    assert kinds.count("warning") == 1
+    warning = stream[kinds.index("warning")][1]
+    assert warning["source"] == "mlflow" and "slower than training" in warning["message"]
+    assert kinds.index("run_started") < kinds.index("warning") < kinds.index("run_ended")
+
+
+def test_dead_server_is_one_warning_at_the_end(
+    mlflow_server: MlflowServer, store: JobStore, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    """A server that takes the connection and never answers: every callback returns while the
+    first request hangs; the end waits its bound (1 s here), says so once, and the abandoned
+    sender makes no other request when the held one finally goes through."""
+    with gated_proxy(mlflow_server.url) as proxy:
+        settings = make_settings(tmp_path, redis_url, key_prefix, proxy.url)
+        record = store.create_job("key_dead", SPEC, queue="cpu", tracking=Tracking(mlflow_experiment="dead"))
+        tracking = JobTracking(record, settings=settings, store=store, out_dir=tmp_path / record.id,
+                               drain_timeout_s=1.0)
+        tracking_warnings: list[Any] = []
+        tracking.warn = tracking_warnings.append
+        tracking(RunStarted(megabatches=3, epochs=2))
+        assert proxy.first_request.wait(HANG_GUARD_S)
+        for epoch in (1, 2):
+            tracking(EpochEnded(megabatch=1, epoch=epoch, epochs=2, lr=0.1, train_loss=1.0, train_accuracy=0.5,
+                                val_accuracy=0.5))
+        assert proxy.received == 1 and proxy.answered == 0  # the callbacks did not wait for it
+        tracking.end("succeeded")
+        assert tracking.failed and tracking.run is None and not tracking_warnings  # the run is over: the store
+        warnings = [e for _, e in events(store, record.id) if e["type"] == "warning"]
+        assert len(warnings) == 1 and "within 1 s of the job's end" in warnings[0]["message"]
+        assert proxy.answered == 0
+        proxy.open()
+        wait_until(lambda: proxy.answered == 1, "answer")
+        assert tracking.join_sender(HANG_GUARD_S)
+        assert proxy.received == 1
+    stored = store.get_job(record.id)
+    assert stored is not None and stored.mlflow is None
 
 
 def test_store_records_the_run(store: JobStore) -> None:
@@ -257,9 +348,12 @@ def test_deleted_experiment_is_one_warning(
     settings = make_settings(tmp_path, redis_url, key_prefix, mlflow_server.url)
     tracking, warnings = tracking_for(store, settings, tmp_path, experiment)
     tracking(RunStarted(megabatches=3, epochs=1))
-    tracking(RunEnded(cer=1, final_test_accuracy=0.9, final_density=0.5))  # off now: nothing more is tried
+    tracking(RunEnded(cer=1, final_test_accuracy=0.9, final_density=0.5))  # after the error: nothing more is tried
     tracking.end("succeeded")
-    assert [(w.source, "is deleted" in w.message) for w in warnings] == [("mlflow", True)]
+    # Reported from an event's callback (the sink) or, once the run ended, to the store.
+    stored = [WarningIssued(e["source"], e["message"]) for _, e in events(store, tracking.job_id)
+              if e["type"] == "warning"]
+    assert [(w.source, "is deleted" in w.message) for w in warnings + stored] == [("mlflow", True)]
     assert tracking.failed and tracking.run is None
 
 
@@ -271,6 +365,7 @@ def test_job_given_up_fails_its_run(
     settings = make_settings(tmp_path, redis_url, key_prefix, mlflow_server.url)
     tracking, _ = tracking_for(store, settings, tmp_path, f"test-{uuid.uuid4().hex[:8]}")
     tracking(RunStarted(megabatches=3, epochs=1))
+    tracking.close()  # the first delivery's worker dies: what it queued reached MLflow
     assert tracking.run is not None
     for _ in range(settings.max_attempts):
         store.next_attempt(tracking.job_id)

@@ -174,6 +174,7 @@ def _execute_leased(
         tracking.end(outcome)  # failed or cancelled (succeeded: already ended); a retry continues the run
         return outcome
     finally:
+        tracking.close()  # raised: send what is queued (bounded) and leave the run to the retry
         heartbeat.stop()
 
 
