@@ -29,7 +29,7 @@ from api.middleware import BodySizeLimitMiddleware, HeadBodyMiddleware, JsonBody
 from api.queue import create_celery
 from api.ratelimit import SubmitRateLimit
 from api.routes import artifacts, catalog, datasets, health, jobs, models, webhooks
-from api.sse import StreamSlots, event_stream_openapi, stream_pool
+from api.sse import event_stream_openapi, stream_pool, stream_slots
 from app_common.public import API_PREFIX
 from app_common.settings import Settings
 from app_common.store import JobStore, make_redis
@@ -86,7 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.submit_limit = SubmitRateLimit.from_settings(settings, store.names.rate_limits)
     app.state.metrics = ApiMetrics()
     app.state.stream_pool = streams
-    app.state.stream_slots = StreamSlots(settings.max_streams_per_key)
+    app.state.stream_slots = stream_slots(store, per_key=settings.max_streams_per_key,
+                                          heartbeat_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s)
     if settings.signing_secret:
         app.state.signing_secret = settings.signing_secret
     else:

@@ -5,15 +5,20 @@ it), ``event:`` the event type, ``data:`` the event as one line of JSON. While t
 a comment line is sent every ``heartbeat_s`` seconds, which keeps proxies from closing the
 connection and lets the server notice a client that went away (sse-starlette then cancels the
 reader, whose ``finally`` closes its Redis connection). The stream ends once the job is terminal
-and every event it has was sent; if Redis goes away it ends with an ``error`` event.
+and every event it has was sent; if Redis goes away it ends with an ``error`` event, and so it
+does when the API key it was opened with is revoked (checked as the stream renews its slot).
+
+One API key holds at most ``APP_MAX_STREAMS_PER_KEY`` open streams across every API process: each
+stream leases a slot in Redis (:class:`StreamSlots`), renews it about every heartbeat and gives it
+back when it ends; a process that dies leaves slots whose leases end within :func:`stream_lease_s`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -26,7 +31,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from app_common.events import EVENT_TYPES, TERMINAL_STATUSES
-from app_common.store import EventFeed
+from app_common.store import EventFeed, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +53,26 @@ def _is_terminal_event(event: dict[str, Any]) -> bool:
     return event.get("type") == "status_changed" and event.get("status") in TERMINAL_STATUSES
 
 
-async def job_messages(feed: EventFeed, after: str) -> AsyncIterator[ServerSentEvent]:
+async def job_messages(
+    feed: EventFeed, after: str, slot: StreamSlot | None = None, *, renew_every_s: float = 0.0
+) -> AsyncIterator[ServerSentEvent]:
     """The messages of the job behind ``feed`` after entry ``after``, until the job is terminal
-    (or deleted) and all its events were sent. Closes ``feed`` when done or cancelled."""
+    (or deleted) and all its events were sent. Renews ``slot`` every ``renew_every_s`` (a read
+    waits up to a heartbeat in between) and ends with an ``error`` event once the API key was
+    revoked. Closes ``feed`` when done or cancelled."""
     last = after
     seen_terminal = False
+    renewed = anyio.current_time()
     try:
         yield ServerSentEvent(retry=CLIENT_RETRY_MS, sep=SEP)
         while True:
+            if slot is not None and anyio.current_time() - renewed >= renew_every_s:
+                if not await slot.renew():
+                    log.info("event stream of %s closed: its API key was revoked", feed.job_key)
+                    detail = {"detail": "the API key was revoked"}
+                    yield ServerSentEvent(json.dumps(detail), event="error", sep=SEP)
+                    return
+                renewed = anyio.current_time()
             entries = await feed.read(last)
             if not entries:
                 if seen_terminal:
@@ -82,26 +99,64 @@ async def job_messages(feed: EventFeed, after: str) -> AsyncIterator[ServerSentE
             await feed.aclose()
 
 
+def stream_lease_s(heartbeat_s: float, timeout_s: float) -> float:
+    """How long a stream's slot lasts without renewal: three heartbeats (a stream renews about
+    every one) and two Redis timeouts. A dead process's slots are free again after this."""
+    return 3 * heartbeat_s + 2 * timeout_s
+
+
+class StreamSlot:
+    """The leased slot of one open stream (see :class:`StreamSlots`)."""
+
+    def __init__(self, slots: StreamSlots, owner: str, key_digest: str | None) -> None:
+        self.slots = slots
+        self.owner = owner
+        self.key_digest = key_digest
+        self.slot_id = uuid.uuid4().hex
+
+    async def renew(self) -> bool:
+        """Extend the lease; False when the API key was revoked (the slot is then given back)."""
+        store, lease_s = self.slots.store, self.slots.lease_s
+        return await anyio.to_thread.run_sync(
+            store.renew_stream_slot, self.owner, self.slot_id, lease_s, self.key_digest
+        )
+
+    async def release(self) -> None:
+        """Give the slot back; when Redis cannot be reached its lease ends on its own."""
+        try:
+            await anyio.to_thread.run_sync(self.slots.store.release_stream_slot, self.owner, self.slot_id)
+        except redis.exceptions.RedisError as exc:
+            log.warning("stream slot of %s not given back (its lease ends on its own): %s", self.owner, exc)
+
+
 class StreamSlots:
-    """Open event streams per API key, counted in this API process (not in Redis: a process that
-    dies takes its streams and its counts with it, so nothing is ever left to expire). With N API
-    processes behind a balancer one key can hold up to N times the cap."""
+    """At most ``per_key`` open event streams per API key, counted in Redis for every API process
+    together (before, each process counted its own, so N processes allowed N times the cap).
 
-    def __init__(self, per_key: int):
+    The slots are leases (``lease_s``), so a process that dies without giving its slots back frees
+    them when they end. Renewing also checks that the stream's API key still exists. The calls go
+    through the job store's client in a worker thread, not through the streams' pool: a new
+    stream must not wait behind the blocking reads of the open ones.
+    """
+
+    def __init__(self, store: JobStore, *, per_key: int, lease_s: float) -> None:
+        self.store = store
         self.per_key = per_key
-        self._open: Counter[str] = Counter()
+        self.lease_s = lease_s
 
-    def acquire(self, owner: str) -> bool:
-        # One event loop per process and no await in here: no lock needed.
-        if self._open[owner] >= self.per_key:
-            return False
-        self._open[owner] += 1
-        return True
+    async def acquire(self, owner: str, key_digest: str | None = None) -> StreamSlot | None:
+        """A slot for a new stream of ``owner``, or None when it holds ``per_key`` already.
+        ``key_digest`` (sha256 of the key's secret) lets renewals notice a revoked key; None
+        (authentication off) checks nothing."""
+        slot = StreamSlot(self, owner, key_digest)
+        taken = await anyio.to_thread.run_sync(
+            self.store.acquire_stream_slot, owner, slot.slot_id, self.per_key, self.lease_s
+        )
+        return slot if taken else None
 
-    def release(self, owner: str) -> None:
-        self._open[owner] -= 1
-        if self._open[owner] <= 0:
-            del self._open[owner]
+
+def stream_slots(store: JobStore, *, per_key: int, heartbeat_s: float, timeout_s: float) -> StreamSlots:
+    return StreamSlots(store, per_key=per_key, lease_s=stream_lease_s(heartbeat_s, timeout_s))
 
 
 def stream_pool(
@@ -126,23 +181,27 @@ def stream_pool(
 class _CountedEventSource(EventSourceResponse):
     """Gives the stream's slot back however the response ends (done, client gone, error)."""
 
-    def __init__(self, *args: Any, on_close: Callable[[], None], **kwargs: Any):
+    def __init__(self, *args: Any, slot: StreamSlot, release_timeout_s: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._on_close = on_close
+        self._slot = slot
+        self._release_timeout_s = release_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._on_close()
+            # Also when cancelled (the client went away); past the timeout the lease ends on its own.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._release_timeout_s):
+                await self._slot.release()
 
 
 def event_source(
-    feed: EventFeed, after: str, *, heartbeat_s: float, on_close: Callable[[], None]
+    feed: EventFeed, after: str, *, heartbeat_s: float, timeout_s: float, slot: StreamSlot
 ) -> EventSourceResponse:
     return _CountedEventSource(
-        job_messages(feed, after),
-        on_close=on_close,
+        job_messages(feed, after, slot, renew_every_s=heartbeat_s / 2),
+        slot=slot,
+        release_timeout_s=heartbeat_s + 2 * timeout_s,
         ping=heartbeat_s,
         ping_message_factory=lambda: ServerSentEvent(comment="heartbeat", sep=SEP),
         sep=SEP,

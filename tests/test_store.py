@@ -20,6 +20,7 @@ from app_common.store import (
     JobNotFound,
     JobStore,
     TooManyActiveJobs,
+    hash_secret,
     make_redis,
 )
 
@@ -292,6 +293,47 @@ def test_leases_and_reap_claims_are_read_in_batches(store: JobStore, monkeypatch
     assert pipelines == [2, 2, 1] * 3
     assert store.leases_alive([]) == {} and store.claim_reaps([], 60) == set() and len(pipelines) == 9
     assert all(not store.claim_reap(job_id, 60) for job_id in ids)
+
+
+def test_stream_slots_are_one_count_per_key_with_leases(store: JobStore, redis_url: str) -> None:
+    """Two API processes (two clients on one Redis) share each key's cap; a holder that dies frees
+    its slots when their leases end; a renewal re-takes a lapsed lease and notices a revocation."""
+    other = JobStore(make_redis(redis_url), prefix=store.prefix)
+    owner, secret = store.create_key("streams")
+    digest = hash_secret(secret)
+    try:
+        assert store.acquire_stream_slot(owner, "a1", 3, 5)
+        assert other.acquire_stream_slot(owner, "b1", 3, 5)
+        assert store.acquire_stream_slot(owner, "dies", 3, 0.2)  # a process that never gives it back
+        assert not other.acquire_stream_slot(owner, "b2", 3, 5)  # 3 open, whichever process counts
+        assert store.acquire_stream_slot("key_other", "x", 3, 5)  # another key is unaffected
+        assert store.open_streams(owner) == other.open_streams(owner) == 3
+        store.release_stream_slot(owner, "a1")
+        assert other.acquire_stream_slot(owner, "b2", 3, 5)
+        assert not other.acquire_stream_slot(owner, "b3", 3, 5)
+        time.sleep(0.3)  # the dead holder's lease ended: its slot is free again
+        assert store.open_streams(owner) == 2
+        assert other.acquire_stream_slot(owner, "b3", 3, 5)
+        # A renewal extends; one after the lease lapsed (a stalled process) takes the slot again.
+        assert store.renew_stream_slot(owner, "b1", 5, digest)
+        assert store.acquire_stream_slot(owner, "slow", 4, 0.1)
+        time.sleep(0.2)
+        assert store.open_streams(owner) == 3
+        assert store.renew_stream_slot(owner, "slow", 5, digest) and store.open_streams(owner) == 4
+        # Revoked: the renewal says so and gives the slot back; without a digest nothing is checked.
+        assert store.revoke_key(owner)
+        assert not store.renew_stream_slot(owner, "slow", 5, digest)
+        assert store.open_streams(owner) == 3
+        assert store.renew_stream_slot(owner, "b1", 5)
+        # Every slot given back (or lapsed): the key's zset expires with its last lease.
+        for slot in ("b1", "b2", "b3"):
+            other.release_stream_slot(owner, slot)
+        assert store.redis.exists(f"{store.prefix}:streams:{owner}") == 0
+        assert store.redis.pttl(f"{store.prefix}:streams:key_other") <= 5000
+        with pytest.raises(ValueError, match="invalid owner"):
+            store.acquire_stream_slot("bad owner", "x", 3, 5)
+    finally:
+        other.close()
 
 
 def test_heartbeat_renews_or_retakes_a_free_lease_and_stamps_the_record(store: JobStore) -> None:

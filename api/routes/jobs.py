@@ -10,6 +10,7 @@ import redis
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from fastapi.security.utils import get_authorization_scheme_param
 from sse_starlette import EventSourceResponse
 
 from api.deps import OwnerDep, SecretDep, SettingsDep, StorageDep, StoreDep
@@ -36,7 +37,7 @@ from app_common.public import artifact_infos
 from app_common.settings import Settings
 from app_common.spec import JobSpec
 from app_common.storage import StorageError, job_prefix
-from app_common.store import InvalidCursor, JobStore, TooManyActiveJobs
+from app_common.store import InvalidCursor, JobStore, TooManyActiveJobs, hash_secret
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,8 @@ def delete_job(
     description="Sends every stored event (or those after `Last-Event-ID` / `last_event_id`), then "
     "new ones as they happen; a comment line keeps the connection alive while idle. The stream ends "
     "after the job is finished and all its events were sent. One API key may hold "
-    "`APP_MAX_STREAMS_PER_KEY` open streams (429 with `Retry-After` beyond).",
+    "`APP_MAX_STREAMS_PER_KEY` open streams across all API processes (429 with `Retry-After` beyond); an "
+    "open stream of a key that is revoked ends with an `error` event.",
 )
 async def job_events(
     job_id: str,
@@ -340,14 +342,22 @@ async def job_events(
     after = last_event_id_header or last_event_id or "0-0"
     await run_in_threadpool(owned_job, store, job_id, owner)
     slots: StreamSlots = request.app.state.stream_slots
-    if not slots.acquire(owner):
+    # The key's digest lets the stream notice a revocation (None with authentication off).
+    _, secret = get_authorization_scheme_param(request.headers.get("Authorization"))
+    slot = await slots.acquire(owner, hash_secret(secret) if settings.auth_enabled and secret else None)
+    if slot is None:
         raise ApiProblem(429, f"at most {slots.per_key} open event streams per API key", slug="too-many-streams",
                          headers={"Retry-After": str(max(1, round(settings.sse_heartbeat_s)))})
-    feed = store.event_feed(
-        settings.redis_url or "", job_id, block_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s,
-        pool=request.app.state.stream_pool,
-    )
-    return event_source(feed, after, heartbeat_s=settings.sse_heartbeat_s, on_close=lambda: slots.release(owner))
+    try:
+        feed = store.event_feed(
+            settings.redis_url or "", job_id, block_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s,
+            pool=request.app.state.stream_pool,
+        )
+    except BaseException:
+        await slot.release()
+        raise
+    return event_source(feed, after, heartbeat_s=settings.sse_heartbeat_s, timeout_s=settings.redis_timeout_s,
+                        slot=slot)
 
 
 @router.get(

@@ -1,4 +1,5 @@
-"""Job leases (which worker runs a job), their heartbeat, staleness, and the reaper's claims."""
+"""Job leases (which worker runs a job), their heartbeat, staleness, and the reaper's claims; and
+the leased slots that cap an API key's open event streams across every API process."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from redis.exceptions import ResponseError
 
 from app_common.events import CANCELLING, RUNNING
 from app_common.jobs import JobRecord
-from app_common.store._common import StoreBase, dumps, is_job_id, utc_now
+from app_common.store._common import OWNER, StoreBase, dumps, is_job_id, utc_now
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -37,6 +38,39 @@ return 1
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# The time of the Redis server in ms: one clock for every API host's leases.
+_REDIS_NOW_MS = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+-- The zset lives as long as its longest lease (never shortened by a shorter one), then goes.
+local function extend_to(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+"""
+
+_STREAM_ACQUIRE = _REDIS_NOW_MS + """
+-- KEYS: the owner's open streams (zset: slot id -> lease end ms); ARGV: slot id, cap, lease ms
+-- Leases that ended (their API process died without giving them back) are dropped first.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+extend_to(KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+_STREAM_RENEW = _REDIS_NOW_MS + """
+-- KEYS: the owner's open streams, the API keys hash; ARGV: slot id, lease ms, sha256 of the key's
+-- secret ('' = none to check). A revoked key's slot is given back (-1). A lease that ended while
+-- its stream lived on (a stalled process) is taken again: the stream is still open.
+if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return -1
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+extend_to(KEYS[1], tonumber(ARGV[2]))
+return 1
 """
 
 # A job in these statuses must have a worker renewing its lease; without one it is stale.
@@ -122,6 +156,38 @@ class LeaseOps(StoreBase):
             claimed.update(job_id for job_id, won in zip(chunk, pipe.execute(), strict=True) if won)
         return claimed
 
+    # --- event stream slots (the API's per-key cap on open streams) ------------------------------
+    # Each open stream holds a slot: a member of the key's zset scored by the end of its lease on
+    # Redis's clock. Streams renew their lease while they run and give it back when they end; the
+    # slots of an API process that died without giving them back are dropped once their lease ends.
+
+    def acquire_stream_slot(self, owner: str, slot_id: str, per_key: int, lease_s: float) -> bool:
+        """Take slot ``slot_id`` for a new stream of ``owner`` unless it holds ``per_key`` live
+        ones already (every API process counted: they share this key). Atomic."""
+        if not OWNER.match(owner):
+            raise ValueError(f"invalid owner {owner!r}")
+        return bool(self._script(_STREAM_ACQUIRE)(
+            keys=[self.names.stream_slots(owner)], args=[slot_id, per_key, _ms(lease_s)]
+        ))
+
+    def renew_stream_slot(self, owner: str, slot_id: str, lease_s: float, key_digest: str | None = None) -> bool:
+        """Extend the slot's lease (or take it again if it ended while its stream lived on); False,
+        with the slot given back, when ``key_digest`` (sha256 of the key's secret, see
+        ``hash_secret``) is no longer an API key: the key was revoked and its stream should end."""
+        return int(self._script(_STREAM_RENEW)(
+            keys=[self.names.stream_slots(owner), self.names.api_keys],
+            args=[slot_id, _ms(lease_s), key_digest or ""],
+        )) > 0
+
+    def release_stream_slot(self, owner: str, slot_id: str) -> None:
+        self.redis.zrem(self.names.stream_slots(owner), slot_id)
+
+    def open_streams(self, owner: str) -> int:
+        """The slots ``owner`` holds whose lease has not ended."""
+        seconds, micros = self.redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        return int(self.redis.zcount(self.names.stream_slots(owner), f"({now_ms}", "+inf"))
+
     def redis_uptime_s(self) -> float | None:
         """Seconds since the Redis server started (INFO server); None where INFO is not allowed.
         The reaper waits after a restart: leases that expired while Redis was down are not yet
@@ -132,3 +198,4 @@ class LeaseOps(StoreBase):
             return None
         uptime = info.get("uptime_in_seconds")
         return float(uptime) if isinstance(uptime, int | float | str) else None
+

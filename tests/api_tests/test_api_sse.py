@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import redis
 from api_support import Api, assert_problem, epoch_event, parse_sse
+from test_api_datasets import served
 
 from api.sse import job_messages
 from app_common.events import RunStarted
+from app_common.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -121,3 +125,52 @@ async def test_a_client_going_away_closes_the_feed() -> None:
     with anyio.move_on_after(0.5):  # the reader blocks on an idle job; cancelling it is the disconnect
         await collect(feed)
     assert feed.closed
+
+
+# --- the per-key cap across API processes, and revoked keys (real servers: streams stay open) -----
+async def test_api_processes_share_each_keys_stream_cap_and_a_revoked_keys_stream_ends(
+    api: Api, settings: Settings
+) -> None:
+    settings = settings.model_copy(update={"max_streams_per_key": 2, "sse_heartbeat_s": 0.2})
+    job_a = (await api.submit())["id"]
+    job_b = (await api.submit(headers=api.b))["id"]
+    with served(settings) as one, served(settings) as two:
+        async with httpx.AsyncClient(timeout=30) as http, contextlib.AsyncExitStack() as streams:
+
+            async def open_stream(base: str, job_id: str, headers: dict[str, str]) -> httpx.Response:
+                context = http.stream("GET", f"{base}/api/v1/jobs/{job_id}/events", headers=headers)
+                response = await context.__aenter__()
+                if response.status_code == 200:
+                    streams.push_async_exit(context)
+                else:
+                    await response.aread()
+                    await context.__aexit__(None, None, None)
+                return response
+
+            first = await open_stream(one, job_a, api.a)
+            assert first.status_code == 200
+            assert (await open_stream(two, job_a, api.a)).status_code == 200
+            # Two open, one on each process: the cap (2) holds for both together.
+            for base in (one, two):
+                refused = await open_stream(base, job_a, api.a)
+                assert refused.status_code == 429 and "2" in refused.json()["detail"]
+            watched = await open_stream(one, job_b, api.b)  # another key is unaffected
+            assert watched.status_code == 200
+            assert api.store.open_streams(api.owner_a) == 2
+
+            await first.aclose()  # one stream ends on process one: process two may open one
+            for _ in range(100):  # hang guard: the server notices the closed connection
+                status = (await open_stream(two, job_a, api.a)).status_code
+                if status == 200:
+                    break
+                await anyio.sleep(0.05)
+            assert status == 200
+
+            # The key of an open stream is revoked: the stream ends with an error event.
+            assert api.store.revoke_key(api.owner_b)
+            with anyio.fail_after(10):  # hang guard: it ends at its next renewal, about a heartbeat
+                text = (await watched.aread()).decode()
+            messages, _ = parse_sse(text)
+            assert messages[-1]["event"] == "error" and "revoked" in messages[-1]["data"]["detail"]
+            assert (await open_stream(one, job_b, api.b)).status_code == 401
+    assert api.store.open_streams(api.owner_a) == 0 and api.store.open_streams(api.owner_b) == 0
