@@ -11,7 +11,8 @@ at once both finish and the last rename wins.
 
 The splits of such a dataset are CPU tensors over the map (``torch.from_numpy``, no copy), and the
 dataset is marked ``streamed``: the runner then leaves them in host memory and moves each batch to
-the device as it is used, instead of moving the whole set there.
+the device as it is used, instead of moving the whole set there (on CUDA, gathered ahead into
+pinned memory by :func:`app_engine.data.prefetch.device_batches`).
 
 The options (:class:`DataOptions`) are passed to :func:`app_engine.data.load_dataset` (and
 :func:`app_engine.runner.run`) by the caller: the engine reads no environment. The command line and
