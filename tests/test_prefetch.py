@@ -115,7 +115,8 @@ def test_training_on_prefetched_batches_gives_the_same_model(tmp_path: Path) -> 
             loss.backward()  # type: ignore[no-untyped-call]
             with torch.no_grad():  # plain SGD (torch.optim's first use costs seconds of imports)
                 for p in model.parameters():
-                    p -= 0.1 * p.grad
+                    assert p.grad is not None
+                    p.sub_(0.1 * p.grad)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert torch.equal(train(0), train(2))
