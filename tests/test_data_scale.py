@@ -4,7 +4,6 @@ as the in-memory path."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
@@ -96,7 +95,6 @@ def test_a_set_over_the_cap_is_mapped_from_the_cache_and_reused(
     assert renewed != cached and len(third.y_train) + len(third.y_test) == 3 * PER_CLASS + 1
     assert torch.equal(second.x_train, in_memory.x_train)  # its pages outlive the file's name
     del first, second, third
-    gc.collect()
     assert remove_if_unused(renewed) and decoded_files(cache) == []
 
 

@@ -3,7 +3,6 @@ evicted (never an entry in use), and a job's data loaded from it; local storage 
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 from pathlib import Path
@@ -188,7 +187,6 @@ def test_decoded_image_folders_count_against_the_limit_and_go_once_unmapped(
     assert cache.entries() == [(first_file.stat().st_mtime, first_file.stat().st_size, first_file)]
     assert cache.evict() == [] and first_file.exists()
     del first
-    gc.collect()
     second = load_path_data(job("second"), local)  # its eviction removes the first, unmapped now
     (second_file,) = (local.cache_dir / DECODED).glob("*.npy")
     assert second_file != first_file and not first_file.exists()
@@ -200,7 +198,6 @@ def test_decoded_image_folders_count_against_the_limit_and_go_once_unmapped(
         pass
     entry = cache.entry_dir(record)
     del second
-    gc.collect()
     sizes = {path: size for _, size, path in cache.entries()}
     assert set(sizes) == {entry, second_file}
     age(second_file, 300)
@@ -217,5 +214,4 @@ def test_decoded_image_folders_count_against_the_limit_and_go_once_unmapped(
     in_memory = load_path_data(job("second"), local)
     assert not in_memory.streamed and torch.equal(again.x_train, in_memory.x_train)
     del again
-    gc.collect()
     assert cache.evict() == [second_file] and cache.entries() == [] and leftovers(cache) == []
