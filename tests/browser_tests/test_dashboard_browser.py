@@ -1,7 +1,8 @@
 """The dashboard in a real Chromium against a real ``anytime-prune serve``: sign in, submit from the
 form, watch the accuracy curve gain a point at each megabatch without a reload, a field error for an
 invalid sparsity, cancel a running job, download the sparse model (sha256 checked), compare two jobs,
-and every page at 1280x800 and 390x844 loading nothing from any host but the API's.
+sign out when the key is revoked while a job page is open, and every page at 1280x800 and 390x844
+loading nothing from any host but the API's.
 
 Jobs are tiny (digits, mlp, one epoch per megabatch); one server and one browser serve the module.
 """
@@ -16,6 +17,10 @@ from urllib.parse import urlsplit
 
 import pytest
 from dashboard_support import DESKTOP, PHONE, Serve, Tab, open_tab, sign_in
+
+from anytime_prune.credentials import credentials_path, read_credentials
+from app_common.spec import JobSpec
+from app_common.store import JobStore, make_redis
 
 pytestmark = pytest.mark.browser
 
@@ -288,6 +293,40 @@ def test_the_list_shows_a_new_job_without_reload_and_its_page_cancels_it(tab: Ta
     assert page.evaluate("window.__samePage") is True
     assert page.locator("#cancel-job").is_hidden()
     assert page.locator("#event-log li[data-type=status_changed]").count() >= 2
+
+
+def test_a_key_revoked_while_its_job_page_is_open_signs_the_page_out(tab: Tab, serve: Serve) -> None:
+    """The page follows a job's live events; its key is revoked: the server ends the open stream,
+    the page's reconnection is refused (401), and the page goes back to sign-in saying why and
+    stops following (no further request)."""
+    creds = read_credentials(credentials_path({"HOME": str(serve.home)}))
+    assert creds is not None
+    store = JobStore(make_redis(creds["redis_url"]), prefix=creds.get("redis_prefix") or "app")
+    owner, secret = store.create_key("revoked while watching")
+    # Only the job's record, never queued for the worker: it stays queued and its stream open.
+    spec = JobSpec.model_validate({**TINY, "method": "app"}).to_dict()
+    job_id = store.create_job(owner, spec, queue="cpu").id
+    try:
+        page = tab.page
+        page.goto(serve.url + "/")
+        page.fill("#api-key", secret)
+        page.click("#sign-in-button")
+        page.wait_for_selector("#jobs-updated:not(:empty)")
+        page.goto(f"{serve.url}/#/jobs/{job_id}")
+        page.wait_for_selector("#stream-state:has-text('live')")
+        assert store.revoke_key(owner)
+        error = page.wait_for_selector("#api-key-error:not(:empty)")
+        assert "Signed out" in error.inner_text() and "revoked" in error.inner_text()
+        assert page.evaluate("sessionStorage.getItem('anytime-prune.api-key')") is None
+        streams = [r for r in tab.requests if urlsplit(r.url).path == f"/api/v1/jobs/{job_id}/events"]
+        # The first stream (ended by the server) and the refused reconnection; nothing after it.
+        assert len(streams) == 2 and streams[-1].response().status == 401
+        assert not [r for r in tab.requests[tab.requests.index(streams[-1]) + 1:]
+                    if urlsplit(r.url).path.startswith("/api/v1/")]
+    finally:
+        store.request_cancel(job_id)
+        store.delete_job(job_id)
+        store.close()
 
 
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280x800", "390x844"])

@@ -42,6 +42,11 @@ export function onUnauthorized(handler) {
   unauthorizedHandlers.add(handler);
 }
 
+/** Tell the page its key was refused (a 401 read outside api(), such as the event stream's). */
+export function reportUnauthorized(error) {
+  unauthorizedHandlers.forEach((f) => f(error));
+}
+
 async function readProblem(response) {
   try {
     return await response.json();
@@ -64,7 +69,7 @@ export async function api(path, {method = "GET", body, signal, key} = {}) {
   const response = await fetch(apiUrl(path), init);
   if (!response.ok) {
     const error = new ApiError(response.status, await readProblem(response));
-    if (response.status === 401 && key === undefined) unauthorizedHandlers.forEach((f) => f(error));
+    if (response.status === 401 && key === undefined) reportUnauthorized(error);
     throw error;
   }
   return response.status === 204 ? null : response.json();

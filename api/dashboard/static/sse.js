@@ -2,7 +2,7 @@
 // cannot), parsed as Server-Sent Events (the WHATWG "event stream interpretation"), resumed with
 // Last-Event-ID after a dropped connection.
 
-import {api, ApiError, apiUrl, authHeaders} from "./api.js";
+import {api, ApiError, apiUrl, authHeaders, reportUnauthorized} from "./api.js";
 import {sleep, TERMINAL} from "./util.js";
 
 /**
@@ -59,6 +59,8 @@ export async function* sseMessages(body, state = {}, onComment = () => {}) {
  * Follow a job's events until it is finished or `signal` aborts. Calls onEvent(event, id) for each
  * event (a parsed JSON object with "type"), onState("live" | "reconnecting" | "ended" | "error",
  * detail) as the connection changes. Reconnects with Last-Event-ID after a drop, waits on 429.
+ * A 401 (the key was revoked: the server also ends an open stream then) signs the page out, as
+ * every other call does, and stops following.
  */
 export async function followJob(jobId, {signal, onEvent, onState = () => {}}) {
   const state = {lastId: null, retry: 3000};
@@ -85,13 +87,22 @@ export async function followJob(jobId, {signal, onEvent, onState = () => {}}) {
     if (!response.ok) {
       let problem = null;
       try { problem = await response.json(); } catch { /* not a problem document */ }
-      onState("error", new ApiError(response.status, problem));
+      const error = new ApiError(response.status, problem);
+      onState("error", error);
+      if (response.status === 401) reportUnauthorized(error); // back to sign-in, with the reason
       return;
     }
     onState("live");
+    let cutShort = null; // the detail of the server's "error" message, when it ended the stream
     try {
       for await (const message of sseMessages(response.body, state)) {
-        if (message.event === "error") break; // the store went away: reconnect after `retry`
+        if (message.event === "error") {
+          // The store went away, or the key was revoked: reconnect after `retry`; the answer says which.
+          try { cutShort = JSON.parse(message.data).detail || "the server ended the stream"; } catch {
+            cutShort = "the server ended the stream";
+          }
+          break;
+        }
         let event;
         try { event = JSON.parse(message.data); } catch { continue; }
         onEvent(event, message.id);
@@ -103,15 +114,21 @@ export async function followJob(jobId, {signal, onEvent, onState = () => {}}) {
     }
     if (!finished && !signal.aborted) {
       // The server ends the stream when the job is done (its last status may have been trimmed
-      // from a long stream): ask the job; anything else was a drop.
-      try {
-        const job = await api(`jobs/${encodeURIComponent(jobId)}`, {signal});
-        if (TERMINAL.has(job.status)) { finished = true; break; }
-      } catch (error) {
-        if (signal.aborted) return;
-        if (error instanceof ApiError && error.status === 404) { onState("error", error); return; }
+      // from a long stream): ask the job; anything else was a drop. (Not after an "error"
+      // message: the job was not the reason.)
+      if (cutShort === null) {
+        try {
+          const job = await api(`jobs/${encodeURIComponent(jobId)}`, {signal});
+          if (TERMINAL.has(job.status)) { finished = true; break; }
+        } catch (error) {
+          if (signal.aborted) return;
+          if (error instanceof ApiError && (error.status === 404 || error.status === 401)) {
+            onState("error", error); // a 401 has signed the page out already (api())
+            return;
+          }
+        }
       }
-      onState("reconnecting", "connection dropped");
+      onState("reconnecting", cutShort || "connection dropped");
       await sleep(state.retry, signal);
     }
   }
