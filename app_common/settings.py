@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         0.5, gt=0.0, le=60.0, description="How often an idle training worker looks for the next queued job."
     )
     max_streams_per_key: int = Field(
-        16, ge=1, description="Open event streams one API key may hold on one API process (more: 429)."
+        16, ge=1, description="Open event streams one API key may hold, all API processes together (more: 429)."
     )
     sse_redis_connections: int = Field(
         64, ge=1, description="Redis connections the event streams of one API process share (a bounded pool)."
