@@ -52,7 +52,11 @@ class Settings(BaseSettings):
         "(presigned links are signed for it)."
     )
     cache_dir: Path = Field(Path("./runs/cache"), description="A worker's local copies of datasets, by sha256.")
-    cache_max_bytes: int = Field(20 * 2**30, ge=0, description="Least recently used datasets are evicted past this.")
+    cache_max_bytes: int = Field(
+        20 * 2**30, ge=0,
+        description="Worker cache limit: least recently used downloaded datasets and decoded image caches are "
+        "evicted past this (never one a running job reads).",
+    )
     max_dataset_bytes: int = Field(2 * 2**30, ge=1, description="Largest dataset upload accepted.")
     max_dataset_extracted_bytes: int = Field(
         8 * 2**30, ge=1, description="Largest total size an uploaded archive (or .npz) may unpack to."
