@@ -8,6 +8,7 @@ are accumulated on the device so the host synchronises once per epoch, not once 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -24,6 +25,7 @@ from torch import nn
 
 from app_common.events import EpochEnded
 from app_common.spec import TrainingSpec
+from app_engine.data.prefetch import device_batches
 from app_engine.errors import SpecInputError, TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -331,23 +333,24 @@ def train_megabatch(
         loss_sum = torch.zeros((), device=rt.device)
         correct = torch.zeros((), dtype=torch.int64, device=rt.device)
         seen = 0
-        for step in range(steps):
-            idx = order[step * bs : (step + 1) * bs]
-            xb = _prepare(augment(gather(x, idx, rt.device), augment_mode, gen), rt)
-            yb = gather(y, idx, rt.device)
-            lr = lr_at(spec, epoch, step, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with rt.autocast():
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
-            optimizer.step()
-            apply_masks()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(idx)
+        # A streamed set's batches are gathered ahead on CUDA (app_engine.data.prefetch); in line otherwise.
+        cut = (order[step * bs : (step + 1) * bs] for step in range(steps))
+        with contextlib.closing(device_batches(x, y, cut, rt.device)) as batches:
+            for step, (raw, yb) in enumerate(batches):
+                xb = _prepare(augment(raw, augment_mode, gen), rt)
+                lr = lr_at(spec, epoch, step, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with rt.autocast():
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
+                optimizer.step()
+                apply_masks()
+                loss_sum += loss.detach() * len(yb)
+                correct += (logits.detach().argmax(1) == yb).sum()
+                seen += len(yb)
         images += seen
         val_correct, val_total = evaluate(model, x_val, y_val, rt)
         # One host synchronisation per epoch.
