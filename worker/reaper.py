@@ -23,7 +23,9 @@ import threading
 import time
 
 from celery import Celery
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app_common.events import CANCELLING, QUEUED, RUNNING
 from app_common.settings import Settings
@@ -156,7 +158,12 @@ class ReaperThread(threading.Thread):
             log.warning("reaper: Redis answers again; re-sending nothing for %.0f s while workers renew leases", ttl)
         # Webhook deliveries past their deadline are given up here too: the outbox stays bounded
         # where no courier runs (a control worker without the `webhooks` extra, or none at all).
-        self.store.expire_deliveries(delivery_window_s(self.settings))
+        try:
+            self.store.expire_deliveries(delivery_window_s(self.settings))
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            raise  # Redis unreachable: the pass stops here, as below
+        except Exception:  # noqa: BLE001 -- a delivery it cannot give up must not stop the re-sending below
+            log.exception("reaper: giving up expired webhook deliveries failed")
         # A restart this reaper did not notice (it fell between two passes) expired leases too.
         uptime = self.store.redis_uptime_s()
         if uptime is not None and uptime < ttl:

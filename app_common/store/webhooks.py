@@ -24,6 +24,7 @@ it, so the outbox stays bounded even where no courier runs (a control worker wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -167,7 +168,9 @@ def expired_entry(msg_id: str, raw: dict[str, str], *, window_s: float, now: int
         "next_attempt_at": None,
     }
     if raw.get("megabatch"):
-        entry["megabatch"] = json.loads(raw["megabatch"]).get("index")
+        with contextlib.suppress(ValueError):  # unreadable: the entry goes without its index
+            megabatch = json.loads(raw["megabatch"])
+            entry["megabatch"] = megabatch.get("index") if isinstance(megabatch, dict) else None
     return entry
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import pytest
@@ -105,5 +106,45 @@ def test_after_redis_comes_back_the_reaper_gives_workers_one_lease_ttl(
         clock[0] += settings.job_lease_ttl_s
         uptime[0] += settings.job_lease_ttl_s
         assert reaper.reap_once() == [orphan.id]
+    finally:
+        app.close()
+
+
+def test_a_delivery_the_expiry_cannot_read_neither_stops_the_reaper_nor_stays_forever(
+    store: JobStore, settings: Settings
+) -> None:
+    """Giving up webhook deliveries is a side task of the reaper pass: a delivery whose stored
+    megabatch is not what the store wrote (here a JSON list) must not keep orphaned jobs from being
+    sent again, pass after pass; it is given up like any other delivery past its deadline."""
+    from factories import megabatch_ended
+
+    from app_common.jobs import Notify
+    from app_common.webhooks import delivery_window_s
+
+    short = settings.model_copy(update={"webhook_max_attempts": 1, "webhook_timeout_s": 0.01,
+                                        "webhook_resolve_timeout_s": 0.01})
+    notify = Notify.model_validate({"url": "http://127.0.0.1:9/hook", "events": ["megabatch"]})
+    orphan = store.create_job("key_a", SPEC, queue="gpu", notify=notify)
+    store.next_attempt(orphan.id)
+    assert store.transition(orphan.id, "running", allowed_from={"queued"})  # no lease: its worker died
+    store.append_event(orphan.id, megabatch_ended(1))
+    [msg_id] = store.redis.zrange(store.names.webhook_due, 0, -1)
+    store.redis.hset(store.names.webhook_message(msg_id), "megabatch", "[1]")
+    deadline = time.monotonic() + delivery_window_s(short)
+    # Past the delivery's deadline (20 ms), and past the hold of a Redis restarted less than a
+    # lease TTL ago (a test Redis just started for this test alone).
+    def held() -> bool:
+        uptime = store.redis_uptime_s()
+        return uptime is not None and uptime < short.job_lease_ttl_s
+
+    while time.monotonic() <= deadline or held():
+        time.sleep(0.01)
+    app = make_celery(short)
+    try:
+        reaper = ReaperThread(store, app, short, interval_s=3600)  # passes run by hand
+        assert reaper.reap_once() == [orphan.id]
+        assert store.pending_deliveries() == 0
+        [entry] = store.delivery_attempts(orphan.id)
+        assert entry["outcome"] == "failed" and entry["error"].startswith("expired:")
     finally:
         app.close()
