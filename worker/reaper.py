@@ -18,9 +18,11 @@ lease, so an outage never causes a second delivery of a job whose worker is aliv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 from celery import Celery
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -79,14 +81,28 @@ def reap_orphans(store: JobStore, celery_app: Celery, settings: Settings) -> lis
     # Another reaper (or this one, earlier) may have re-enqueued some already: only claimed ones go.
     claimed = store.claim_reaps([record.id for record in orphans], window_s)
     reaped: list[str] = []
-    for record in orphans:
-        if record.id not in claimed:
-            continue
-        queue = record.queue or settings.default_queue
-        celery_app.send_task(RUN_JOB_TASK, args=[record.id], queue=queue)
-        log.warning("job %s: its worker stopped renewing the lease; re-enqueued on %s", record.id, queue)
-        reaped.append(record.id)
+    with _unsent_released(store, claimed):
+        for record in orphans:
+            if record.id not in claimed:
+                continue
+            queue = record.queue or settings.default_queue
+            celery_app.send_task(RUN_JOB_TASK, args=[record.id], queue=queue)
+            claimed.discard(record.id)
+            log.warning("job %s: its worker stopped renewing the lease; re-enqueued on %s", record.id, queue)
+            reaped.append(record.id)
     return reaped + _resend_lost_dispatches(store, celery_app, settings, window_s)
+
+
+@contextlib.contextmanager
+def _unsent_released(store: JobStore, claimed: set[str]) -> Iterator[None]:
+    """Every claim still in ``claimed`` when sending fails (the broker went away part-way) is
+    given back, so those jobs are tried at the next pass rather than a whole reap window later."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(RedisError):
+            store.release_reaps(sorted(claimed))
+        raise
 
 
 def _resend_lost_dispatches(store: JobStore, celery_app: Celery, settings: Settings, window_s: float) -> list[str]:
@@ -105,14 +121,16 @@ def _resend_lost_dispatches(store: JobStore, celery_app: Celery, settings: Setti
     lost = [record for record in waiting if not alive[record.id]]
     claimed = store.claim_reaps([record.id for record in lost], window_s)
     resent: list[str] = []
-    for record in lost:
-        if record.id not in claimed:
-            continue
-        queue = record.queue or settings.default_queue
-        celery_app.send_task(RUN_JOB_TASK, args=[record.id], queue=queue)
-        store.forget_sent(record.id)
-        log.warning("job %s: handed to a worker that never started it; re-sent on %s", record.id, queue)
-        resent.append(record.id)
+    with _unsent_released(store, claimed):
+        for record in lost:
+            if record.id not in claimed:
+                continue
+            queue = record.queue or settings.default_queue
+            celery_app.send_task(RUN_JOB_TASK, args=[record.id], queue=queue)
+            claimed.discard(record.id)
+            store.forget_sent(record.id)
+            log.warning("job %s: handed to a worker that never started it; re-sent on %s", record.id, queue)
+            resent.append(record.id)
     return resent
 
 

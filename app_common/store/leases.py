@@ -156,6 +156,12 @@ class LeaseOps(StoreBase):
             claimed.update(job_id for job_id, won in zip(chunk, pipe.execute(), strict=True) if won)
         return claimed
 
+    def release_reaps(self, job_ids: Sequence[str]) -> None:
+        """Give back claims of :meth:`claim_reaps` whose jobs were not sent after all (the broker
+        failed part-way through a pass): the next pass may claim them again."""
+        for chunk in _chunks(job_ids):
+            self.redis.delete(*(self.names.reaped(job_id) for job_id in chunk))
+
     # --- event stream slots (the API's per-key cap on open streams) ------------------------------
     # Each open stream holds a slot: a member of the key's zset scored by the end of its lease on
     # Redis's clock. Streams renew their lease while they run and give it back when they end; the

@@ -155,6 +155,7 @@ def decoded_array(
     _remove_stale(folder)
     tmp = folder / f".{final.name}.{uuid.uuid4().hex}.tmp"
     log.info("%s: decoding %s images into %s", source, shape[0], final)
+    held = None
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         fill(out)
@@ -165,6 +166,8 @@ def decoded_array(
         fcntl.flock(held.fileno(), fcntl.LOCK_SH)
         os.replace(tmp, final)
     except BaseException:
+        if held is not None:
+            held.close()
         tmp.unlink(missing_ok=True)
         raise
     for old in folder.glob(f"{prefix}-*.npy"):

@@ -148,3 +148,40 @@ def test_a_delivery_the_expiry_cannot_read_neither_stops_the_reaper_nor_stays_fo
         assert entry["outcome"] == "failed" and entry["error"].startswith("expired:")
     finally:
         app.close()
+
+
+def test_jobs_not_sent_when_the_broker_fails_part_way_are_sent_at_the_next_pass(
+    store: JobStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass claims every orphan first, then sends them one by one. When the broker fails after
+    the first send, the claims of the jobs not sent are given back: the next pass sends them (not
+    a whole reap window later), and the one already sent is not sent twice."""
+    app = make_celery(settings)
+    orphans = []
+    for _ in range(3):
+        job = store.create_job("key_a", SPEC, queue="gpu")
+        store.next_attempt(job.id)
+        assert store.transition(job.id, "running", allowed_from={"queued"})
+        orphans.append(job.id)
+    real_send = app.send_task
+    sends: list[str] = []
+    failed: list[str] = []
+
+    def flaky_send(name: str, args: list[str], **kwargs: Any) -> Any:
+        if len(sends) == 1 and not failed:
+            failed.append(args[0])
+            raise ConnectionError("broker went away")  # the second send of the first pass fails
+        sends.append(args[0])
+        return real_send(name, args=args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", flaky_send)
+    try:
+        with pytest.raises(ConnectionError):
+            reap_orphans(store, app, settings)
+        assert len(sends) == 1
+        again = reap_orphans(store, app, settings)  # the broker is back (the next send succeeds)
+        assert sorted(again) == sorted(set(orphans) - {sends[0]})
+        assert sorted(sends) == sorted(orphans)  # each sent exactly once
+        assert reap_orphans(store, app, settings) == []
+    finally:
+        app.close()
