@@ -87,3 +87,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """A real MLflow tracking server (SQLite, local artifact root) on 127.0.0.1, started once per session."""
     with run_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
         yield server
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long end-to-end files (marked ``slow`` or ``browser``) run first. scripts/test.sh gives
+    whole files to two test processes as they free up: started early, the long ones run side by
+    side, instead of one of them running alone at the end while the other process idles. The sort
+    is stable, so the order within a file is unchanged."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") or item.get_closest_marker("browser") else 1)
