@@ -151,6 +151,16 @@ class Settings(BaseSettings):
         None, description="The MLflow UI's address as users reach it, for the run links in job records; unset: "
         "the tracking URI when it is http(s)."
     )
+    mlflow_queue_limit: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="Workers: metric updates (one epoch's or one megabatch's) a job may have waiting for a slow "
+        "MLflow server; past it the oldest per-epoch ones are dropped (and logged from result.json at the end).",
+    )
+    mlflow_drain_timeout_s: float = Field(
+        60.0, ge=0, le=3600,
+        description="Workers: how long the end of a job waits for its MLflow updates to be sent and its run "
+        "ended; past it the job goes on with a warning.",
+    )
 
     @field_validator("queues", mode="before")
     @classmethod

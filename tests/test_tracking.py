@@ -27,7 +27,6 @@ from app_common.events import EpochEnded, RunEnded, RunStarted, WarningIssued, e
 from app_common.jobs import MlflowRun, Tracking
 from app_common.settings import Settings
 from app_common.store import JobStore
-from worker import tracking as tracking_module
 from worker.job import execute_job
 from worker.tracking import JobTracking, flatten_params, redact, run_url
 
@@ -45,12 +44,13 @@ SPEC: dict[str, Any] = {
 
 
 def make_settings(tmp_path: Path, redis_url: str, key_prefix: str, tracking_uri: str | None,
-                  public_url: str | None = None) -> Settings:
+                  public_url: str | None = None, **more: Any) -> Settings:
     (tmp_path / "data").mkdir(exist_ok=True)
     return Settings(
         redis_url=redis_url, redis_prefix=key_prefix, artifacts_dir=tmp_path / "artifacts",
         storage_dir=tmp_path / "storage", data_dir=tmp_path / "data", job_lease_ttl_s=2,
         celery_key_prefix=f"{key_prefix}:celery:", mlflow_tracking_uri=tracking_uri, mlflow_public_url=public_url,
+        **more,
     )
 
 
@@ -241,13 +241,13 @@ def test_slow_server_does_not_hold_training(
     trained and the run ends while it has answered nothing; the queue (two updates here) overflows,
     which one warning says. Once it answers, the job's end waits for its run: the run holds
     everything (what was dropped, from result.json) and is FINISHED before the job succeeds."""
-    monkeypatch.setattr(tracking_module, "QUEUE_LIMIT", 2)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # the held request must not time out
     experiment = f"test-{uuid.uuid4().hex[:8]}"
     job = store.create_job("key_slow", SPEC, queue="cpu", tracking=Tracking(mlflow_experiment=experiment))
     outcome: list[str] = []
     with gated_proxy(mlflow_server.url) as proxy:
-        settings = make_settings(tmp_path, redis_url, key_prefix, proxy.url, public_url=mlflow_server.url)
+        settings = make_settings(tmp_path, redis_url, key_prefix, proxy.url, public_url=mlflow_server.url,
+                                 mlflow_queue_limit=2)
         worker = threading.Thread(target=lambda: outcome.append(execute_job(job.id, store=store, settings=settings)))
         worker.start()
         wait_until(lambda: "run_ended" in [e["type"] for _, e in events(store, job.id)], "run_ended")
@@ -278,10 +278,9 @@ def test_dead_server_is_one_warning_at_the_end(
     first request hangs; the end waits its bound (1 s here), says so once, and the abandoned
     sender makes no other request when the held one finally goes through."""
     with gated_proxy(mlflow_server.url) as proxy:
-        settings = make_settings(tmp_path, redis_url, key_prefix, proxy.url)
+        settings = make_settings(tmp_path, redis_url, key_prefix, proxy.url, mlflow_drain_timeout_s=1.0)
         record = store.create_job("key_dead", SPEC, queue="cpu", tracking=Tracking(mlflow_experiment="dead"))
-        tracking = JobTracking(record, settings=settings, store=store, out_dir=tmp_path / record.id,
-                               drain_timeout_s=1.0)
+        tracking = JobTracking(record, settings=settings, store=store, out_dir=tmp_path / record.id)
         tracking_warnings: list[Any] = []
         tracking.warn = tracking_warnings.append
         tracking(RunStarted(megabatches=3, epochs=2))

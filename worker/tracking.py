@@ -25,10 +25,10 @@ leaves it running.
 
 Off the training thread: the callback only queues what happened (:class:`~worker.outbox.Outbox`,
 never blocking) and one thread per job makes the MLflow calls, in order, sending the metrics that
-piled up while the server was busy as one ``log_batch``. At most :data:`QUEUE_LIMIT` metric updates
+piled up while the server was busy as one ``log_batch``. At most ``settings.mlflow_queue_limit`` metric updates
 (one epoch's or one megabatch's metrics) wait; past that the oldest waiting epoch update is dropped
 (then the oldest megabatch update), the job's events say so once, and the end of the run logs
-what was dropped from ``result.json``. :meth:`JobTracking.end` waits up to :data:`DRAIN_TIMEOUT_S`
+what was dropped from ``result.json``. :meth:`JobTracking.end` waits up to ``settings.mlflow_drain_timeout_s``
 for the queue to be sent and the run ended, so a job is not ``succeeded`` before its run is
 FINISHED; past the bound tracking stops with a warning and the job goes on.
 
@@ -95,13 +95,6 @@ CLIENT_ENV = {
     # set_terminated would otherwise fetch the run again to print its link on stdout
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
-
-# Metric updates (one epoch's or one megabatch's metrics) that may wait for the server: hours of
-# epochs of a typical run, a few hundred KB.
-QUEUE_LIMIT = 1000
-# How long the end of a job waits for its updates to reach MLflow and the run to end: a dead
-# server costs a few requests' timeouts (CLIENT_ENV) before it counts as unreachable anyway.
-DRAIN_TIMEOUT_S = 60.0
 
 # Files of a completed run's folder logged as artifacts (those that exist).
 ARTIFACTS = ("model.sparse.safetensors", "manifest.json", "report.png", "result.json")
@@ -237,8 +230,10 @@ class JobTracking:
         self.public_url = settings.mlflow_public_url or self.uri
         self.store = store
         self.out_dir = Path(out_dir)
-        self.queue_limit = QUEUE_LIMIT if queue_limit is None else queue_limit
-        self.drain_timeout_s = DRAIN_TIMEOUT_S if drain_timeout_s is None else drain_timeout_s
+        # Defaults: 1000 updates (hours of epochs, a few hundred KB); 60 s (a dead server costs a few
+        # requests' timeouts, CLIENT_ENV, before it counts as unreachable anyway).
+        self.queue_limit = settings.mlflow_queue_limit if queue_limit is None else queue_limit
+        self.drain_timeout_s = settings.mlflow_drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self.warn: Callable[[Event], None] | None = None
         self.run: MlflowRun | None = None
         self.failed = False
