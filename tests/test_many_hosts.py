@@ -137,6 +137,11 @@ def test_a_job_killed_on_one_host_finishes_on_the_other(
             assert any((tmp_path / host / "cache").iterdir()), host
         # The dead host's folder stays where it died; the survivor dropped its own once done, and
         # the store keeps only the exported files.
+        # The survivor cleans up just after it reports the job succeeded: wait for it (hang guard).
+        deadline = time.monotonic() + TIMEOUT_S
+        while ((tmp_path / survivor / "artifacts" / job_id).exists() or storage.list(job_work_prefix(job_id))) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert (tmp_path / victim / "artifacts" / job_id).exists()
         assert not (tmp_path / survivor / "artifacts" / job_id).exists()
         assert storage.list(job_work_prefix(job_id)) == []

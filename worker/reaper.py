@@ -22,7 +22,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 from celery import Celery
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,6 +29,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app_common.events import CANCELLING, QUEUED, RUNNING
+from app_common.jobs import JobRecord
 from app_common.settings import Settings
 from app_common.store import JobStore
 from app_common.tasks import RUN_JOB_TASK
@@ -78,31 +78,35 @@ def reap_orphans(store: JobStore, celery_app: Celery, settings: Settings) -> lis
         if record.status == QUEUED and not record.attempt:
             continue  # never delivered yet: its message is still waiting in the queue
         orphans.append(record)
-    # Another reaper (or this one, earlier) may have re-enqueued some already: only claimed ones go.
-    claimed = store.claim_reaps([record.id for record in orphans], window_s)
-    reaped: list[str] = []
-    with _unsent_released(store, claimed):
-        for record in orphans:
+    reaped = _send_claimed(store, celery_app, settings, orphans, window_s,
+                           "its worker stopped renewing the lease; re-enqueued")
+    return reaped + _resend_lost_dispatches(store, celery_app, settings, window_s)
+
+
+def _send_claimed(store: JobStore, celery_app: Celery, settings: Settings, records: list[JobRecord],
+                  window_s: float, why: str, *, forget_sent: bool = False) -> list[str]:
+    """Send ``run_job`` again for each of ``records`` this reaper claims (another reaper, or this
+    one earlier, may have claimed some within the window); ids of those sent, in order. When the
+    broker fails part-way, the claims of those not yet sent are given back, so the next pass tries
+    them rather than a whole reap window later."""
+    claimed = store.claim_reaps([record.id for record in records], window_s)
+    sent: list[str] = []
+    try:
+        for record in records:
             if record.id not in claimed:
                 continue
             queue = record.queue or settings.default_queue
             celery_app.send_task(RUN_JOB_TASK, args=[record.id], queue=queue)
             claimed.discard(record.id)
-            log.warning("job %s: its worker stopped renewing the lease; re-enqueued on %s", record.id, queue)
-            reaped.append(record.id)
-    return reaped + _resend_lost_dispatches(store, celery_app, settings, window_s)
-
-
-@contextlib.contextmanager
-def _unsent_released(store: JobStore, claimed: set[str]) -> Iterator[None]:
-    """Every claim still in ``claimed`` when sending fails (the broker went away part-way) is
-    given back, so those jobs are tried at the next pass rather than a whole reap window later."""
-    try:
-        yield
+            if forget_sent:
+                store.forget_sent(record.id)
+            log.warning("job %s: %s on %s", record.id, why, queue)
+            sent.append(record.id)
     except BaseException:
         with contextlib.suppress(RedisError):
             store.release_reaps(sorted(claimed))
         raise
+    return sent
 
 
 def _resend_lost_dispatches(store: JobStore, celery_app: Celery, settings: Settings, window_s: float) -> list[str]:
@@ -119,19 +123,8 @@ def _resend_lost_dispatches(store: JobStore, celery_app: Celery, settings: Setti
         waiting.append(record)
     alive = store.leases_alive([record.id for record in waiting])
     lost = [record for record in waiting if not alive[record.id]]
-    claimed = store.claim_reaps([record.id for record in lost], window_s)
-    resent: list[str] = []
-    with _unsent_released(store, claimed):
-        for record in lost:
-            if record.id not in claimed:
-                continue
-            queue = record.queue or settings.default_queue
-            celery_app.send_task(RUN_JOB_TASK, args=[record.id], queue=queue)
-            claimed.discard(record.id)
-            store.forget_sent(record.id)
-            log.warning("job %s: handed to a worker that never started it; re-sent on %s", record.id, queue)
-            resent.append(record.id)
-    return resent
+    return _send_claimed(store, celery_app, settings, lost, window_s,
+                         "handed to a worker that never started it; re-sent", forget_sent=True)
 
 
 class ReaperThread(threading.Thread):
